@@ -1,0 +1,204 @@
+"""The LoReFT family (Wu et al., 2024, "ReFT: Representation Finetuning for Language Models",
+arXiv:2404.03592, section 3 and appendix; formulas as in pyreft 0.1.0's ``interventions.py``).
+
+Notation, with ``h`` a row vector of width ``d`` and ``r = low_rank_dimension``:
+
+* ``R`` — a ``d x r`` matrix with orthonormal columns (``R^T R = I_r``), see :class:`Orthonormal`;
+* ``P`` — a ``r x d`` unconstrained projection (NoReFT, NodiReFT);
+* ``W h + b`` — a learned linear map ``d -> r`` (``source``), passed through ``act_fn``
+  (identity by default);
+* ``b`` alone — a learned ``r``-vector (ConsReFT, LobiReFT).
+
+Every class computes an *edit* and returns ``h + dropout(edit)``: dropout is on the edit, never
+on the whole state, and is inactive in ``eval()``. (pyreft applies dropout to the whole output,
+which in training also drops parts of ``h`` itself; in eval mode the two agree exactly.)
+The edit is computed in float32 and the sum cast back to ``h``'s dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .base import Intervention, InterventionError
+
+
+def _activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name is None or name == "linear":
+        return nn.Identity()
+    if name not in ACT2FN:
+        raise InterventionError(f"act_fn={name!r} is not a known activation; choose one of {sorted(ACT2FN)}")
+    return ACT2FN[name]
+
+
+class Orthonormal(nn.Module):
+    """``R = Q`` from the reduced QR decomposition of a free ``d x r`` matrix ``raw``, with the
+    signs fixed so that ``diag(R_qr) > 0`` (which makes the map unique and the identity on
+    matrices that are already orthonormal).
+
+    Why QR instead of ``torch.nn.utils.parametrizations.orthogonal`` (pyreft's choice): the
+    latter keeps a ``d x d`` buffer per intervention (64 MiB at d=4096) and loses orthogonality
+    when run in bf16. QR in float32 is exact to float eps, costs ``O(d r^2)`` per call, and
+    ``raw`` alone is the saved state, so a reload resumes training exactly.
+    """
+
+    def __init__(self, embed_dim: int, rank: int) -> None:
+        super().__init__()
+        self.raw = nn.Parameter(torch.empty(embed_dim, rank))
+        nn.init.orthogonal_(self.raw)
+
+    def forward(self) -> torch.Tensor:
+        q, r = torch.linalg.qr(self.raw.float())
+        signs = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+        return q * signs
+
+    @torch.no_grad()
+    def assign(self, basis: torch.Tensor) -> None:
+        """Set ``raw`` so that ``forward()`` returns ``basis`` (a ``d x r`` orthonormal matrix)."""
+        self.raw.copy_(basis.to(self.raw.dtype))
+
+
+class _LowRank(Intervention):
+    """Shared checks of the rank and the dropout on the edit."""
+
+    def check_width(self, embed_dim: int) -> None:
+        r = self.hparams["low_rank_dimension"]
+        if r > embed_dim:
+            raise InterventionError(
+                f"{type(self).__name__}: low_rank_dimension={r} exceeds the width {embed_dim} "
+                "of the representation it is attached to")
+
+    def _init_common(self, low_rank_dimension: int, dropout: float) -> None:
+        if not isinstance(low_rank_dimension, int) or isinstance(low_rank_dimension, bool) or low_rank_dimension <= 0:
+            raise InterventionError(
+                f"{type(self).__name__}: low_rank_dimension={low_rank_dimension!r} must be a positive int")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise InterventionError(f"{type(self).__name__}: dropout={dropout!r} must be in [0, 1)")
+
+    def _finish(self, h: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        return (h.float() + self.dropout(edit)).to(h.dtype)
+
+
+class LoReFT(_LowRank):
+    """``LoReFT(h) = h + (act(W h + b) - R^T h) R^T`` — written row-wise, i.e. the paper's
+    ``h + R^T (W h + b - R h)`` with ``R`` having orthonormal rows (ReFT paper, eq. 2)."""
+
+    name = "loreft"
+
+    def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
+                 dropout: float = 0.0, act_fn: str | None = None) -> None:
+        self._init_common(low_rank_dimension, dropout)
+        _activation(act_fn)
+        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn)
+
+    def build(self, embed_dim: int) -> None:
+        r = self.hparams["low_rank_dimension"]
+        self.rotation = Orthonormal(embed_dim, r)
+        self.source = nn.Linear(embed_dim, r)
+        self.act = _activation(self.hparams["act_fn"])
+        self.dropout = nn.Dropout(self.hparams["dropout"])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x, rot = h.float(), self.rotation()
+        return self._finish(h, (self.act(self.source(x)) - x @ rot) @ rot.T)
+
+
+class NoReFT(_LowRank):
+    """``NoReFT(h) = h + (act(W h + b) - (P h + c)) P`` — LoReFT without the orthogonality
+    constraint; ``P h + c`` is a linear layer whose bias ``c`` exists when ``add_bias``
+    (pyreft 0.1.0's ``NoreftIntervention``)."""
+
+    name = "noreft"
+
+    def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
+                 dropout: float = 0.0, act_fn: str | None = None, add_bias: bool = True) -> None:
+        self._init_common(low_rank_dimension, dropout)
+        _activation(act_fn)
+        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout,
+                         act_fn=act_fn, add_bias=bool(add_bias))
+
+    def build(self, embed_dim: int) -> None:
+        r = self.hparams["low_rank_dimension"]
+        self.projection = nn.Linear(embed_dim, r, bias=self.hparams["add_bias"])
+        self.source = nn.Linear(embed_dim, r)
+        self.act = _activation(self.hparams["act_fn"])
+        self.dropout = nn.Dropout(self.hparams["dropout"])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()
+        edit = (self.act(self.source(x)) - self.projection(x)) @ self.projection.weight
+        return self._finish(h, edit)
+
+
+class DiReFT(_LowRank):
+    """``DiReFT(h) = h + act(W h + b) R^T`` — LoReFT without subtracting the projection of ``h``
+    (ReFT paper, appendix "DiReFT"; pyreft's ``DireftIntervention``)."""
+
+    name = "direft"
+
+    def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
+                 dropout: float = 0.0, act_fn: str | None = None) -> None:
+        self._init_common(low_rank_dimension, dropout)
+        _activation(act_fn)
+        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn)
+
+    build = LoReFT.build
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._finish(h, self.act(self.source(h.float())) @ self.rotation().T)
+
+
+class NodiReFT(_LowRank):
+    """``NodiReFT(h) = h + act(W h + b) P`` — DiReFT with an unconstrained ``r x d`` projection
+    ``P`` (pyreft's ``NodireftIntervention``; its projection bias, kept when ``add_bias``, is
+    saved but does not enter the formula)."""
+
+    name = "nodireft"
+
+    __init__ = NoReFT.__init__
+    build = NoReFT.build
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._finish(h, self.act(self.source(h.float())) @ self.projection.weight)
+
+
+class ConsReFT(_LowRank):
+    """``ConsReFT(h) = h + (b - R^T h) R^T`` — sets the subspace coordinates to a learned
+    constant ``b`` (pyreft's ``ConsreftIntervention``; pyreft applies no dropout here, and
+    ``dropout`` is kept for symmetry, default 0)."""
+
+    name = "consreft"
+
+    def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
+                 dropout: float = 0.0) -> None:
+        self._init_common(low_rank_dimension, dropout)
+        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout)
+
+    def build(self, embed_dim: int) -> None:
+        r = self.hparams["low_rank_dimension"]
+        self.rotation = Orthonormal(embed_dim, r)
+        self.bias = nn.Parameter(torch.rand(r))
+        self.dropout = nn.Dropout(self.hparams["dropout"])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x, rot = h.float(), self.rotation()
+        return self._finish(h, (self.bias - x @ rot) @ rot.T)
+
+
+class LobiReFT(_LowRank):
+    """``LobiReFT(h) = h + b R^T`` — a learned bias confined to an ``r``-dimensional orthonormal
+    subspace, the same for every input (pyreft's ``LobireftIntervention``)."""
+
+    name = "lobireft"
+
+    __init__ = ConsReFT.__init__
+    build = ConsReFT.build
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        edit = (self.bias @ self.rotation().T).expand(h.shape)
+        return self._finish(h, edit)
+
+
+REFT_FAMILY: tuple[type[Intervention], ...] = (LoReFT, NoReFT, DiReFT, NodiReFT, ConsReFT, LobiReFT)

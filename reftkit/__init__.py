@@ -1,0 +1,31 @@
+"""reftkit: representation fine-tuning (ReFT) and interpretability for Hugging Face models.
+
+Importing reftkit has no side effects: no network, no writes, no nnsight import.
+"""
+from __future__ import annotations
+
+from .config import ConfigError, ReftConfig, RepresentationConfig
+from .model import ReftModel, get_reft_model
+from .positions import PositionError, parse_positions
+from .serialization import LoadError
+from .structure import COMPONENTS, Site, StructureError, resolve_site
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # heavy or optional pieces load on first use
+    if name in ("load_model", "smollm2_path", "minilm_path"):
+        from . import embedded
+        return getattr(embedded, name)
+    if name == "make_last_position_supervised_data_module":
+        from .data import make_last_position_supervised_data_module
+        return make_last_position_supervised_data_module
+    raise AttributeError(f"module 'reftkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "ReftConfig", "RepresentationConfig", "ReftModel", "get_reft_model", "ConfigError", "LoadError",
+    "PositionError", "StructureError", "COMPONENTS", "Site", "resolve_site", "parse_positions",
+    "load_model", "make_last_position_supervised_data_module",
+]

@@ -1,0 +1,167 @@
+"""``ReftConfig``: which interventions go where — plain data, validated, JSON round-trip.
+
+One representation entry names ``layer`` (an int, a list of ints, or ``"all"``), ``component``
+(a pyvene component name or a raw module path), ``positions`` (pyreft's grammar or ``"all"``),
+``intervention`` (a registered name, a class, or an instance), ``share_weights``, and the
+intervention's own arguments (``low_rank_dimension``, ``dropout``, ``act_fn``, ``add_bias``...)
+flat beside them, as pyreft writes them. Everything a field can get wrong is checked here;
+what needs the model (layer range, component availability, rank vs width) is checked at attach.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from reftkit.interventions import Intervention, InterventionError, get_intervention_class
+
+from .positions import PositionSpec, parse_positions
+
+FORMAT_VERSION = 1
+_OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights")
+
+
+class ConfigError(ValueError):
+    """A config field with an invalid value; the message names the field and the value."""
+
+
+def _where(index: int | None, name: str) -> str:
+    return f"representations[{index}].{name}" if index is not None else name
+
+
+@dataclass
+class RepresentationConfig:
+    """One entry of ``ReftConfig.representations``."""
+
+    layer: int | list[int] | str
+    component: str = "block_output"
+    positions: str | None = "l1"
+    intervention: str | type[Intervention] | Intervention = "loreft"
+    share_weights: bool = True
+    intervention_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any], index: int | None = None) -> "RepresentationConfig":
+        if isinstance(entry, RepresentationConfig):
+            return entry
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{_where(index, '')[:-1] or 'representation'}={entry!r} must be a dict")
+        entry = dict(entry)
+        if "layer" not in entry:
+            raise ConfigError(f"{_where(index, 'layer')} is missing")
+        own = {k: entry.pop(k) for k in _OWN_FIELDS if k in entry}
+        extra = entry.pop("intervention_kwargs", {}) or {}
+        rep = cls(**own, intervention_kwargs={**extra, **entry})
+        rep.validate(index)
+        return rep
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self, index: int | None = None) -> None:
+        layer = self.layer
+        if isinstance(layer, bool) or not (
+                isinstance(layer, int) or layer == "all"
+                or (isinstance(layer, (list, tuple)) and layer and all(isinstance(x, int) and not isinstance(x, bool) for x in layer))):
+            raise ConfigError(f"{_where(index, 'layer')}={layer!r} must be an int, a non-empty list of ints, or 'all'")
+        if isinstance(layer, (list, tuple)) and len(set(layer)) != len(layer):
+            raise ConfigError(f"{_where(index, 'layer')}={list(layer)!r} lists a layer twice")
+        if not isinstance(self.component, str) or not self.component:
+            raise ConfigError(f"{_where(index, 'component')}={self.component!r} must be a non-empty string")
+        if self.positions is not None:
+            try:
+                parse_positions(self.positions, field=_where(index, "positions"))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if not isinstance(self.share_weights, bool):
+            raise ConfigError(f"{_where(index, 'share_weights')}={self.share_weights!r} must be True or False")
+        try:
+            cls = self.intervention_class
+        except InterventionError as err:
+            raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
+        if isinstance(self.intervention, Intervention):
+            if self.intervention_kwargs:
+                raise ConfigError(
+                    f"{_where(index, 'intervention')} is an instance, so its arguments are fixed; "
+                    f"remove {sorted(self.intervention_kwargs)} from the entry")
+            return
+        unknown = sorted(set(self.intervention_kwargs) - set(cls.arguments))
+        if unknown:
+            raise ConfigError(
+                f"{_where(index, unknown[0])}={self.intervention_kwargs[unknown[0]]!r}: {cls.__name__} takes "
+                f"no argument {unknown[0]!r}; its arguments are {list(cls.arguments)}")
+        try:  # construct without weights: checks rank, dropout and act_fn values now, not at attach
+            cls(**self.intervention_kwargs)
+        except InterventionError as err:
+            raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def intervention_class(self) -> type[Intervention]:
+        if isinstance(self.intervention, Intervention):
+            return type(self.intervention)
+        return get_intervention_class(self.intervention)
+
+    @property
+    def position_spec(self) -> PositionSpec | None:
+        return None if self.positions is None else parse_positions(self.positions)
+
+    def make_intervention(self) -> Intervention:
+        """A new, not yet materialised intervention (a deep copy when an instance was given)."""
+        if isinstance(self.intervention, Intervention):
+            return copy.deepcopy(self.intervention)
+        return self.intervention_class(**self.intervention_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data with every constructor argument (defaults filled in)."""
+        iv = self.make_intervention()
+        kwargs = {k: v for k, v in iv.hparams.items()}
+        return {"layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
+                "component": self.component, "positions": self.positions,
+                "intervention": iv.name or type(iv).__name__, "share_weights": self.share_weights, **kwargs}
+
+
+class ReftConfig:
+    """The list of representations to intervene on.
+
+    >>> ReftConfig(representations=[{"layer": 15, "component": "block_output",
+    ...     "positions": "f7+l7", "intervention": "loreft", "low_rank_dimension": 4}])
+    """
+
+    def __init__(self, representations: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
+        if isinstance(representations, (Mapping, RepresentationConfig)):
+            representations = [representations]
+        if isinstance(representations, (str, bytes)) or not isinstance(representations, Iterable):
+            raise ConfigError(f"representations={representations!r} must be a dict or a list of dicts")
+        self.representations: list[RepresentationConfig] = [
+            RepresentationConfig.from_dict(entry, index=i) for i, entry in enumerate(representations)]
+        if not self.representations:
+            raise ConfigError("representations=[] is empty; give at least one representation")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "representations": [r.to_dict() for r in self.representations]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ReftConfig":
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(
+                f"format_version={version!r} was written by a newer reftkit (this one reads up to "
+                f"{FORMAT_VERSION}); upgrade reftkit to load it")
+        if "representations" not in data:
+            raise ConfigError("representations is missing from the config")
+        return cls(data["representations"])
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReftConfig":
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ReftConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"ReftConfig(representations={[r.to_dict() for r in self.representations]!r})"

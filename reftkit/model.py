@@ -1,0 +1,250 @@
+"""``ReftModel``: a frozen Hugging Face model with interventions attached by hooks.
+
+The path of one call: positions are computed once (or validated, when given), stored in a
+:class:`~reftkit.hooks.CallState` for the duration of the call, read by the hooks, and dropped.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from reftkit.interventions import Intervention, InterventionError
+
+from .config import ConfigError, ReftConfig, RepresentationConfig
+from .hooks import CallState, HookManager, Slot
+from .positions import PositionSpec, check_locations, locate, sequence_extent, split_untied, stack_locations
+from .structure import StructureError, num_layers, resolve_site
+
+
+def _key(layer: int | None, component: str) -> str:
+    name = re.sub(r"[^0-9A-Za-z]+", "_", component).strip("_")
+    return name if layer is None else f"layer{layer}_{name}"
+
+
+def _layers(rep: RepresentationConfig, model: nn.Module, index: int) -> list[int | None]:
+    if rep.layer == "all":
+        return list(range(num_layers(model)))
+    if isinstance(rep.layer, int):
+        return [rep.layer]
+    return list(rep.layer)
+
+
+def _base_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
+class ReftModel(nn.Module):
+    """A frozen base model plus ``interventions`` (an ``nn.ModuleDict``), hooked in place.
+
+    Build it with :func:`get_reft_model`; call it like the base model, with optional
+    ``intervention_locations``; ``detach()`` returns the untouched base model.
+    """
+
+    def __init__(self, model: nn.Module, config: ReftConfig | Mapping[str, Any] | list) -> None:
+        super().__init__()
+        if not isinstance(config, ReftConfig):
+            config = ReftConfig(config if not isinstance(config, Mapping) or "representations" not in config
+                                else config["representations"])
+        self.reft_config = config
+        self.model = model
+        self.interventions = nn.ModuleDict()
+        self._specs: list[PositionSpec | None] = []
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        slots = self._build_slots(model, config)
+        model.requires_grad_(False)
+        self._hooks = HookManager(model, slots)
+        self._hooks.attach()
+        self._detached = False
+
+    # -- construction ---------------------------------------------------------------------
+    def _build_slots(self, model: nn.Module, config: ReftConfig) -> list[Slot]:
+        device = _base_device(model)
+        device = torch.device("cpu") if device.type == "meta" else device
+        slots: list[Slot] = []
+        for i, rep in enumerate(config.representations):
+            spec = rep.position_spec
+            split = None if rep.share_weights or spec is None else split_untied(spec)
+            parts = [("", spec)] if split is None else [("_first", split[0]), ("_last", split[1])]
+            for layer in _layers(rep, model, i):
+                try:
+                    site = resolve_site(model, layer, rep.component)
+                except StructureError as err:
+                    raise ConfigError(f"representations[{i}]: {err}") from None
+                for suffix, part_spec in parts:
+                    key = _key(site.layer, rep.component) + suffix
+                    n = 2
+                    while key in self.interventions:
+                        key, n = f"{_key(site.layer, rep.component)}{suffix}_{n}", n + 1
+                    iv = rep.make_intervention()
+                    try:
+                        iv.materialize(site.width)
+                    except InterventionError as err:
+                        raise ConfigError(f"representations[{i}] at layer {site.layer}: {err}") from None
+                    self.interventions[key] = iv.to(device=device, dtype=torch.float32)
+                    slots.append(Slot(index=len(slots), key=key, intervention=iv, site=site))
+                    self._specs.append(part_spec)
+        return slots
+
+    # -- positions --------------------------------------------------------------------------
+    def _call_state(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None, locations: Any) -> CallState:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        batch, length = ref.shape[0], ref.shape[1]
+        count = len(self._specs)
+        if locations is not None:
+            return CallState.build(check_locations(locations, batch, length, count).to(ref.device))
+        missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
+        if missing:
+            raise ValueError(f"interventions {missing} have positions=None in the config, so "
+                             "intervention_locations must be passed")
+        start, lengths = sequence_extent(attention_mask, batch, length, ref.device)
+        located: dict[PositionSpec, torch.Tensor] = {}
+        for spec in self._specs:
+            if spec not in located:
+                located[spec] = locate(spec, start, lengths, length)
+        return CallState.build(stack_locations([located[spec] for spec in self._specs]))
+
+    def _check_live(self) -> None:
+        if self._detached:
+            raise RuntimeError("this ReftModel was detached; build a new one with get_reft_model")
+
+    # -- calls ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward, with the interventions applied at the call's positions."""
+        self._check_live()
+        state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations)
+        # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after
+        # this call has returned: keep the state until the next call in that case only.
+        keep = self.training and torch.is_grad_enabled() and _checkpointing(self.model)
+        self._hooks.state = state
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            if not keep:
+                self._hooks.state = None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with the interventions applied to the prompt at prefill.
+
+        Decode steps pass through: the KV cache carries the prompt's edited representations, so a
+        step costs what the bare model's does. That needs the cache, hence ``use_cache=False`` is
+        refused rather than silently losing the effect.
+        """
+        self._check_live()
+        gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        if kwargs.get("use_cache") is False or (kwargs.get("use_cache") is None and gen_config is not None
+                                                and getattr(gen_config, "use_cache", True) is False):
+            raise ValueError("use_cache=False: reftkit intervenes on the prompt at prefill and relies on the "
+                             "KV cache to carry the effect into decoding; generate with use_cache=True")
+        state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations)
+
+        def before_step(module: nn.Module, args: Any, kwargs: dict) -> None:
+            ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            if ref is not None:
+                state.batch = ref.shape[0]
+
+        def after_prefill(module: nn.Module, args: Any, output: Any) -> None:
+            state.active = False
+
+        handles = [self.model.register_forward_pre_hook(before_step, with_kwargs=True),
+                   self.model.register_forward_hook(after_prefill)]
+        self._hooks.state = state
+        try:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._hooks.state = None
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _apply(self, fn: Any, recurse: bool = True) -> "ReftModel":
+        super()._apply(fn, recurse)
+        # intervention weights stay float32 whatever dtype the base model is cast to
+        for param in self.interventions.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Exact counts (works on a meta-device model): trainable intervention parameters, trainable
+        base-model parameters, and all base-model parameters."""
+        return {
+            "trainable_intervention": sum(p.numel() for p in self.interventions.parameters() if p.requires_grad),
+            "trainable_model": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "model": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def print_trainable_parameters(self) -> str:
+        counts = self.parameter_counts()
+        share = 100.0 * counts["trainable_intervention"] / max(counts["model"], 1)
+        text = (f"trainable intervention params: {counts['trainable_intervention']:,} || "
+                f"trainable model params: {counts['trainable_model']:,}\n"
+                f"model params: {counts['model']:,} || trainable%: {share:.6f}")
+        print(text)
+        return text
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Enable the base model's gradient checkpointing (non-reentrant by default, so gradients
+        reach interventions inside checkpointed layers although the base model is frozen)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def detach(self) -> nn.Module:
+        """Remove every hook, restore the base model's ``requires_grad`` flags, return the base."""
+        self._check_live()
+        self._hooks.remove()
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self._detached = True
+        return self.model
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return _base_device(self.model)
+
+    @property
+    def intervention_locations_order(self) -> list[str]:
+        """Keys of ``interventions`` in the order of the K axis of ``intervention_locations``."""
+        return list(self.interventions)
+
+    # -- persistence (reftkit.serialization) -------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        from .serialization import save_reft
+        return save_reft(self, path)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path) -> "ReftModel":
+        from .serialization import load_reft
+        return load_reft(model, path)
+
+    @classmethod
+    def from_pyreft(cls, model: nn.Module, path: str | Path) -> "ReftModel":
+        from .pyreft_import import load_pyreft
+        return load_pyreft(model, path)
+
+
+def get_reft_model(model: nn.Module, config: ReftConfig | Mapping[str, Any] | list) -> ReftModel:
+    """Freeze ``model`` and attach the interventions ``config`` describes."""
+    return ReftModel(model, config)

@@ -1,0 +1,136 @@
+"""Save and load a ``ReftModel``: ``config.json`` + ``interventions.safetensors``, never pickle.
+
+``config.json`` holds the format version, the ``ReftConfig`` with every constructor argument,
+one record per intervention (key, class, arguments, site, tensor shapes) and the SHA-256 of the
+weights file, so a missing, truncated or altered file is refused at load with its name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import FORMAT_VERSION, ConfigError, ReftConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "interventions.safetensors"
+
+
+class LoadError(ValueError):
+    """A save folder that cannot be loaded; names the file and the field or tensor at fault."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_reft(reft: "ReftModel", path: str | Path) -> Path:  # noqa: F821
+    """Write ``config.json`` and ``interventions.safetensors`` into ``path`` (created if needed)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft.interventions.state_dict().items()}
+    weights = folder / WEIGHTS_NAME
+    save_file(tensors, str(weights), metadata={"format": "pt", "reftkit_format_version": str(FORMAT_VERSION)})
+    records = []
+    for slot in reft._hooks.slots:
+        site = slot.site
+        records.append({
+            "key": slot.key, "class": type(slot.intervention).__name__, "name": slot.intervention.name,
+            "arguments": slot.intervention.config(),
+            "site": {"layer": site.layer, "component": site.component, "module_path": site.module_path,
+                     "hook": site.hook, "width": site.width},
+        })
+    config = {
+        **reft.reft_config.to_dict(),
+        "library": "reftkit",
+        "base_model": {"model_type": getattr(reft.model.config, "model_type", None),
+                       "name_or_path": getattr(reft.model.config, "_name_or_path", None)},
+        "interventions": records,
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+        "weights_sha256": _sha256(weights),
+    }
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    folder = Path(path)
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise LoadError(f"{config_file} is missing; is {folder} a reftkit save folder?")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise LoadError(f"{config_file} is not valid JSON: {err}") from None
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise LoadError(f"{config_file}: format_version={version!r} must be an int")
+    if version > FORMAT_VERSION:
+        raise LoadError(f"{config_file}: format_version={version} was written by a newer reftkit "
+                        f"(this one reads up to {FORMAT_VERSION}); upgrade reftkit to load it")
+    return config
+
+
+def read_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise LoadError(f"{weights} is missing")
+    expected = config.get("weights_sha256")
+    if expected is not None and _sha256(weights) != expected:
+        raise LoadError(f"{weights}: SHA-256 does not match weights_sha256 in {CONFIG_NAME}; the file is "
+                        "truncated or was altered after saving")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoadError(f"{weights} is not a readable safetensors file: {err}") from None
+
+
+def check_and_load(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``interventions`` strictly, naming any missing, extra or misshapen tensor."""
+    own = interventions.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing:
+        raise LoadError(f"{source}: tensor {missing[0]!r} is missing (expected {len(own)} tensors: {sorted(own)})")
+    if extra:
+        raise LoadError(f"{source}: tensor {extra[0]!r} does not belong to any intervention of this config")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise LoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                            f"{tuple(own[name].shape)} (was it saved for another base model?)")
+    interventions.load_state_dict(tensors, strict=True)
+
+
+def load_reft(model: nn.Module, path: str | Path) -> "ReftModel":  # noqa: F821
+    """Rebuild a ``ReftModel`` on ``model`` from a folder written by ``save_pretrained``."""
+    from .model import ReftModel
+
+    folder = Path(path)
+    config = read_config(folder)
+    try:
+        reft_config = ReftConfig.from_dict(config)
+    except ConfigError as err:
+        raise LoadError(f"{folder / CONFIG_NAME}: {err}") from None
+    tensors = read_weights(folder, config)
+    reft = ReftModel(model, reft_config)
+    saved_keys = [r["key"] for r in config.get("interventions", [])]
+    if saved_keys and saved_keys != list(reft.interventions):
+        reft.detach()
+        raise LoadError(f"{folder / CONFIG_NAME}: interventions {saved_keys} were saved, this model builds "
+                        f"{list(reft.interventions)}")
+    try:
+        check_and_load(reft.interventions, tensors, str(folder / WEIGHTS_NAME))
+    except LoadError:
+        reft.detach()
+        raise
+    return reft

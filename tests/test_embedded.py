@@ -359,3 +359,33 @@ def test_minilm_embeddings(minilm: tuple[Any, Any]) -> None:
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     related, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
     assert related > 0.6 > 0.2 > unrelated, (related, unrelated)
+
+
+# --------------------------------------------------------------------------- #
+# The README demo on the embedded model
+# --------------------------------------------------------------------------- #
+
+
+@needs_conversion
+def test_demo_batch_supervises_the_answer_and_intervenes_at_the_last_prompt_token(smollm2: tuple[Any, Any]) -> None:
+    from reftkit.demo import TRAIN, chat_prompt, training_batch
+
+    _, tok = smollm2
+    batch = training_batch(tok, TRAIN[:3])
+    for row in range(3):
+        prompt_len = len(tok(chat_prompt(tok, TRAIN[row][0]), add_special_tokens=False)["input_ids"])
+        labels = batch["labels"][row]
+        assert (labels[:prompt_len] == -100).all() and labels[prompt_len] != -100
+        assert int(batch["intervention_locations"][row, 0]) == prompt_len - 1
+        answer = tok.decode(labels[labels != -100], skip_special_tokens=True)
+        assert answer == TRAIN[row][1]
+
+
+@needs_conversion
+def test_demo_runs_and_reloads_identically(session_cache: SimpleNamespace, tmp_path: Path) -> None:
+    from reftkit.demo import run
+
+    result = run(steps=3, out_dir=str(tmp_path / "demo"))
+    assert result["identical"] and result["reloaded"] == result["after"]
+    assert result["losses"][-1] < result["losses"][0]
+    assert (tmp_path / "demo" / "interventions.safetensors").is_file()

@@ -82,8 +82,9 @@ class _LowRank(Intervention):
 
 
 class LoReFT(_LowRank):
-    """``LoReFT(h) = h + (act(W h + b) - R^T h) R^T`` — written row-wise, i.e. the paper's
-    ``h + R^T (W h + b - R h)`` with ``R`` having orthonormal rows (ReFT paper, eq. 2)."""
+    """``LoReFT(h) = h + R^T (act(W h + b) - R h)`` — ReFT paper, eq. 2, with ``R`` ``r x d`` having
+    orthonormal rows. In code ``R`` is stored transposed (``rotation()``, ``d x r``) and rows act on
+    the right: ``h + (act(h W^T + b) - h R) R^T``."""
 
     name = "loreft"
 
@@ -138,12 +139,7 @@ class DiReFT(_LowRank):
 
     name = "direft"
 
-    def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
-                 dropout: float = 0.0, act_fn: str | None = None) -> None:
-        self._init_common(low_rank_dimension, dropout)
-        _activation(act_fn)
-        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn)
-
+    __init__ = LoReFT.__init__
     build = LoReFT.build
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

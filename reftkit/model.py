@@ -201,11 +201,15 @@ class ReftModel(nn.Module):
         print(text)
         return text
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Enable the base model's gradient checkpointing (non-reentrant by default, so gradients
-        reach interventions inside checkpointed layers although the base model is frozen)."""
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Enable the base model's activation checkpointing, non-reentrant by default so gradients
+        reach interventions inside checkpointed layers although the base model is frozen."""
+        ckpt = {"use_reentrant": False} | (gradient_checkpointing_kwargs or {})
+        enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
 
     def detach(self) -> nn.Module:
         """Remove every hook, restore the base model's ``requires_grad`` flags, return the base."""

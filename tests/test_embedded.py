@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import pytest
 
 from reftkit import embedded as E
+from reftkit import gguf_convert as G
 
 _skip_smollm2 = pytest.mark.skipif(
     not E.is_smollm2_installed(),
@@ -99,7 +100,7 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _fake_converter(calls: list[Path]) -> Any:
-    """Stand-in for ``_convert_smollm2`` that writes placeholder files instantly."""
+    """Stand-in for ``convert_smollm2`` that writes placeholder files instantly."""
 
     def convert(gguf_file: Path, out_dir: Path) -> dict[str, Any]:
         calls.append(out_dir)
@@ -192,14 +193,14 @@ def test_interrupted_conversion_leaves_no_folder(empty_cache: Path, monkeypatch:
         (out_dir / "model.safetensors").write_bytes(b"half a model")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E, "_convert_smollm2", broken)
+    monkeypatch.setattr(G, "convert_smollm2", broken)
     with pytest.raises(KeyboardInterrupt):
         E.smollm2_path()
     parent = empty_cache / "smollm2"
     assert [p.name for p in parent.iterdir() if not p.name.startswith(".lock")] == []
 
     calls: list[Path] = []
-    monkeypatch.setattr(E, "_convert_smollm2", _fake_converter(calls))
+    monkeypatch.setattr(G, "convert_smollm2", _fake_converter(calls))
     folder = E.smollm2_path()
     assert len(calls) == 1 and folder.parent == parent
     assert json.loads((folder / "reftkit_embedded.json").read_text())["fake"] is True
@@ -209,7 +210,7 @@ def test_interrupted_conversion_leaves_no_folder(empty_cache: Path, monkeypatch:
 @requires_smollm2
 def test_incomplete_folder_is_reconverted_and_force(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(E, "_convert_smollm2", _fake_converter(calls))
+    monkeypatch.setattr(G, "convert_smollm2", _fake_converter(calls))
     final = empty_cache / "smollm2" / E._smollm2_cache_key(E.smollm2_gguf_path())
     final.mkdir(parents=True)
     (final / "config.json").write_text("{}")  # e.g. copied by hand, no manifest
@@ -262,7 +263,7 @@ def test_second_call_reuses_cache(session_cache: SimpleNamespace, monkeypatch: p
     def must_not_run(*args: Any) -> None:
         raise AssertionError("smollm2_path() converted again although the cache was complete")
 
-    monkeypatch.setattr(E, "_convert_smollm2", must_not_run)
+    monkeypatch.setattr(G, "convert_smollm2", must_not_run)
     start = time.perf_counter()
     assert E.smollm2_path() == session_cache.folder
     assert time.perf_counter() - start < 1.0

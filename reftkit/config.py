@@ -46,7 +46,8 @@ class RepresentationConfig:
         if isinstance(entry, RepresentationConfig):
             return entry
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"{_where(index, '')[:-1] or 'representation'}={entry!r} must be a dict")
+            where = "representation" if index is None else f"representations[{index}]"
+            raise ConfigError(f"{where}={entry!r} must be a dict")
         entry = dict(entry)
         if "layer" not in entry:
             raise ConfigError(f"{_where(index, 'layer')} is missing")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from reftkit.interventions import Intervention, InterventionError
+from reftkit.interventions import InterventionError
 
 from .config import ConfigError, ReftConfig, RepresentationConfig
 from .hooks import CallState, HookManager, Slot
@@ -25,7 +25,7 @@ def _key(layer: int | None, component: str) -> str:
     return name if layer is None else f"layer{layer}_{name}"
 
 
-def _layers(rep: RepresentationConfig, model: nn.Module, index: int) -> list[int | None]:
+def _layers(rep: RepresentationConfig, model: nn.Module) -> list[int]:
     if rep.layer == "all":
         return list(range(num_layers(model)))
     if isinstance(rep.layer, int):
@@ -78,7 +78,7 @@ class ReftModel(nn.Module):
             spec = rep.position_spec
             split = None if rep.share_weights or spec is None else split_untied(spec)
             parts = [("", spec)] if split is None else [("_first", split[0]), ("_last", split[1])]
-            for layer in _layers(rep, model, i):
+            for layer in _layers(rep, model):
                 try:
                     site = resolve_site(model, layer, rep.component)
                 except StructureError as err:

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reftkit
+import reftkit.interventions
 from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 SEQS = [[5, 9, 14, 3, 22, 8, 40], [7, 11, 19]]
@@ -173,3 +174,34 @@ def test_query_output_on_fused_gpt2_attention_edits_only_query_columns():
             if t == last[b]:
                 want[:32] = iv(clean[b, t, :32][None])[0]
             torch.testing.assert_close(edited[b, t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_config_shape_errors():
+    with pytest.raises(reftkit.ConfigError, match=r"representations\[1\]=5 must be a dict"):
+        reftkit.ReftConfig([BASE, 5])
+    with pytest.raises(reftkit.ConfigError, match=r"representations\[0\]\.layer is missing"):
+        reftkit.ReftConfig([{"component": "block_output"}])
+    with pytest.raises(reftkit.ConfigError, match=r"representations=\[\] is empty"):
+        reftkit.ReftConfig([])
+    with pytest.raises(reftkit.ConfigError, match=r"layer=\[1, 1\] lists a layer twice"):
+        reftkit.ReftConfig({**BASE, "layer": [1, 1]})
+    with pytest.raises(reftkit.ConfigError, match="is an instance, so its arguments are fixed"):
+        reftkit.ReftConfig({**BASE, "intervention": reftkit.interventions.LoReFT(low_rank_dimension=2)})
+
+
+def test_intervention_instances_and_classes_are_accepted():
+    from reftkit.interventions import LoreftIntervention, NoReFT
+    model = tiny_llama()
+    # pyreft style: an instance built with the model's width, deep-copied per layer
+    reft = reftkit.get_reft_model(model, {"layer": [0, 1], "component": "block_output", "positions": "l1",
+                                          "intervention": LoreftIntervention(embed_dim=32, low_rank_dimension=2)})
+    a, b = reft.interventions.values()
+    assert a is not b and a.embed_dim == b.embed_dim == 32
+    reft.detach()
+    reft = reftkit.get_reft_model(model, {"layer": 0, "component": "mlp_activation", "positions": "l1",
+                                          "intervention": NoReFT, "low_rank_dimension": 3})
+    assert reft.interventions["layer0_mlp_activation"].embed_dim == 64  # the intermediate width
+    reft.detach()
+    with pytest.raises(reftkit.ConfigError, match="embed_dim=48 was given, but the representation"):
+        reftkit.get_reft_model(model, {"layer": 0, "component": "block_output", "positions": "l1",
+                                       "intervention": LoreftIntervention(embed_dim=48, low_rank_dimension=2)})

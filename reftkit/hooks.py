@@ -38,7 +38,10 @@ class CallState:
     @classmethod
     def build(cls, locations: torch.Tensor) -> "CallState":
         valid = locations >= 0
-        return cls(locations=locations, valid=valid, all_valid=bool(valid.all()), batch=locations.shape[0])
+        # The fast path needs a host-side answer; on an accelerator that is a device sync per call,
+        # so there the masked path (correct for any mask) is used instead.
+        all_valid = bool(valid.all()) if locations.device.type == "cpu" else False
+        return cls(locations=locations, valid=valid, all_valid=all_valid, batch=locations.shape[0])
 
     def rows_for(self, slot: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Locations of one intervention, repeated when generate expanded the batch (beams)."""

@@ -110,8 +110,12 @@ def locate(spec: PositionSpec, start: torch.Tensor, lengths: torch.Tensor, width
 
 def stack_locations(per_intervention: list[torch.Tensor]) -> torch.Tensor:
     """Pad each ``[batch, P_k]`` with -1 to a common width and stack to ``[batch, K, P]``."""
+    first = per_intervention[0]
+    if all(t is first for t in per_intervention):  # one spec for all: a view, no copies
+        return first.unsqueeze(1).expand(-1, len(per_intervention), -1)
     width = max(t.shape[1] for t in per_intervention)
-    padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in per_intervention]
+    padded = [t if t.shape[1] == width else torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
+              for t in per_intervention]
     return torch.stack(padded, dim=1)
 
 

@@ -165,3 +165,20 @@ def test_empty_slots_give_exact_gradients():
     for g, p in zip(grads, iv.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(g_embeds, embeds2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_masked_path_equals_fast_path_when_every_slot_is_valid():
+    """Accelerators always take the masked path (no host sync): it must agree with the fast path."""
+    from reftkit.hooks import edit_rows
+    from reftkit.interventions import LoReFT
+
+    torch.manual_seed(0)
+    iv = LoReFT(embed_dim=8, low_rank_dimension=2)
+    h = torch.randn(3, 6, 8, requires_grad=True)
+    idx = torch.tensor([[0, 5], [2, 3], [4, 1]])
+    fast = edit_rows(h, idx, idx >= 0, True, iv)
+    masked = edit_rows(h, idx, idx >= 0, False, iv)
+    torch.testing.assert_close(fast, masked, atol=0, rtol=0)
+    g_fast, = torch.autograd.grad(fast.square().sum(), h)
+    g_masked, = torch.autograd.grad(masked.square().sum(), h)
+    torch.testing.assert_close(g_fast, g_masked, atol=0, rtol=0)

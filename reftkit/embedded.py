@@ -39,7 +39,6 @@ transformers; they are imported lazily by the functions that need them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -50,8 +49,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
+
+from .cache import embedded_cache_dir, file_lock, log as _log, make_readable, remove_stale_tmp
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -72,7 +73,6 @@ __all__ = [
     "smollm2_path",
     "minilm_path",
     "load_model",
-    "encode_sentences",
 ]
 
 # --------------------------------------------------------------------------- #
@@ -206,21 +206,6 @@ def minilm_path() -> Path:
 # --------------------------------------------------------------------------- #
 
 
-def embedded_cache_dir() -> Path:
-    """Root of reftkit's on-disk cache.
-
-    ``$REFTKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/reftkit``, else
-    ``~/.cache/reftkit``.  The directory is *not* created here; it is created
-    lazily when a conversion is written.
-    """
-    explicit = os.environ.get("REFTKIT_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "reftkit"
-
-
 def _smollm2_cache_key(gguf: Path) -> str:
     """Cache key: package version + GGUF name/size/mtime + conversion format."""
     stat = gguf.stat()
@@ -237,50 +222,6 @@ def _is_complete(folder: Path) -> bool:
         and (folder / "model.safetensors").is_file()
         and (folder / "tokenizer.json").is_file()
     )
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Advisory inter-process lock (no-op where ``fcntl`` is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            _log(f"waiting for another process to finish converting ({path}) ...")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_stale_tmp(parent: Path) -> None:
-    """Delete leftovers of interrupted conversions older than a few hours."""
-    now = time.time()
-    for entry in parent.glob(".tmp-*"):
-        try:
-            if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _make_readable(folder: Path) -> None:
-    """``mkdtemp`` and some writers create private (0700/0600) entries; a cache is shared."""
-    for path in [folder, *folder.rglob("*")]:
-        try:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        except OSError:  # pragma: no cover - e.g. not the owner
-            pass
-
-
-def _log(message: str) -> None:
-    print(f"[reftkit] {message}", file=sys.stderr, flush=True)
 
 
 def smollm2_path(*, force: bool = False) -> Path:
@@ -311,10 +252,10 @@ def smollm2_path(*, force: bool = False) -> Path:
         return final
 
     parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(parent / ".lock"):
+    with file_lock(parent / ".lock"):
         if _is_complete(final) and not force:  # another process finished meanwhile
             return final
-        _remove_stale_tmp(parent)
+        remove_stale_tmp(parent, _STALE_TMP_SECONDS)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=parent))
         try:
             _log(
@@ -340,7 +281,7 @@ def smollm2_path(*, force: bool = False) -> Path:
                 **info,
             }
             (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _make_readable(tmp)
+            make_readable(tmp)
             if final.exists():  # incomplete leftover, or force=True
                 trash = parent / f".tmp-old-{final.name}-{os.getpid()}"
                 os.replace(final, trash)
@@ -455,45 +396,3 @@ def load_model(
         model = model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def encode_sentences(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    sentences: Sequence[str],
-    *,
-    normalize: bool = True,
-    batch_size: int = 64,
-    max_length: int = 256,
-) -> "torch.Tensor":
-    """Sentence embeddings from an encoder (all-MiniLM-L6-v2 recipe).
-
-    Mean-pools the last hidden state over non-padding tokens and (by
-    default) L2-normalises, as sentence-transformers does for
-    all-MiniLM-L6-v2.
-
-    Returns:
-        A float tensor of shape ``(len(sentences), hidden_size)`` on CPU.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(sentences), batch_size):
-            batch = tokenizer(
-                list(sentences[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            chunks.append(pooled.float().cpu())
-    if not chunks:
-        return torch.empty(0, model.config.hidden_size)
-    return torch.cat(chunks)

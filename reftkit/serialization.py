@@ -1,4 +1,4 @@
-"""Save and load a ``ReftModel``: ``config.json`` + ``interventions.safetensors``, never pickle.
+"""Save and load a ``ReftModel``: ``config.json`` + ``interventions.safetensors``; nothing is ever unpickled.
 
 ``config.json`` holds the format version, the ``ReftConfig`` with every constructor argument,
 one record per intervention (key, class, arguments, site, tensor shapes) and the SHA-256 of the

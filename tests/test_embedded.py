@@ -23,6 +23,7 @@ import pytest
 
 from reftkit import embedded as E
 from reftkit import gguf_convert as G
+from reftkit.sentence_embeddings import encode_sentences
 
 _skip_smollm2 = pytest.mark.skipif(
     not E.is_smollm2_installed(),
@@ -129,13 +130,14 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 def test_import_is_side_effect_free(tmp_path: Path) -> None:
-    # Load embedded.py on its own (reftkit/__init__ itself imports torch) and check
-    # that it pulls in neither torch nor transformers and writes nothing.
+    # Import reftkit.embedded (and its sibling reftkit.cache) without running reftkit/__init__,
+    # which imports torch itself, and check that it pulls in neither torch nor transformers.
     cache = tmp_path / "never-created"
+    package_dir = str(Path(E.__file__).parent)
     code = (
-        "import sys, importlib.util as u; "
-        f"spec = u.spec_from_file_location('standalone_embedded', {str(Path(E.__file__))!r}); "
-        "m = u.module_from_spec(spec); spec.loader.exec_module(m); m.embedded_cache_dir(); "
+        "import sys, types, importlib; "
+        f"pkg = types.ModuleType('reftkit'); pkg.__path__ = [{package_dir!r}]; sys.modules['reftkit'] = pkg; "
+        "m = importlib.import_module('reftkit.embedded'); m.embedded_cache_dir(); "
         "print(int('torch' in sys.modules), int('transformers' in sys.modules))"
     )
     env = {**os.environ, "REFTKIT_CACHE": str(cache)}
@@ -352,7 +354,7 @@ def test_minilm_embeddings(minilm: tuple[Any, Any]) -> None:
 
     model, tok = minilm
     assert type(model).__name__ == "BertModel"
-    emb = E.encode_sentences(
+    emb = encode_sentences(
         model, tok,
         ["A man is eating food.", "A man is eating a piece of bread.", "The stock market crashed today."],
     )

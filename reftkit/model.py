@@ -5,9 +5,10 @@ The path of one call: positions are computed once (or validated, when given), st
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -124,20 +125,30 @@ class ReftModel(nn.Module):
             raise RuntimeError("this ReftModel was detached; build a new one with get_reft_model")
 
     # -- calls ----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """The base model's forward, with the interventions applied at the call's positions."""
+    @contextlib.contextmanager
+    def intervening(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    intervention_locations: torch.Tensor | None = None,
+                    inputs_embeds: torch.Tensor | None = None) -> Iterator[None]:
+        """Activate the interventions for calls made inside the block, with positions computed once
+        from these inputs — e.g. to run only the backbone (``reft.model.model(...)``) and apply the
+        LM head to the few labelled positions yourself."""
         self._check_live()
-        state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations)
-        # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after
-        # this call has returned: keep the state until the next call in that case only.
+        state = self._call_state(input_ids, inputs_embeds, attention_mask, intervention_locations)
         keep = self.training and torch.is_grad_enabled() and _checkpointing(self.model)
         self._hooks.state = state
         try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            yield
         finally:
             if not keep:
                 self._hooks.state = None
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward, with the interventions applied at the call's positions."""
+        # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after
+        # this call has returned: `intervening` keeps the state until the next call in that case.
+        with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds")):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

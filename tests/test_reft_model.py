@@ -182,3 +182,17 @@ def test_masked_path_equals_fast_path_when_every_slot_is_valid():
     g_fast, = torch.autograd.grad(fast.square().sum(), h)
     g_masked, = torch.autograd.grad(masked.square().sum(), h)
     torch.testing.assert_close(g_fast, g_masked, atol=0, rtol=0)
+
+
+def test_intervening_context_runs_the_backbone_with_edits():
+    model = tiny_llama()
+    reft = reftkit.get_reft_model(model, {"layer": [0, 2], "component": "block_output", "positions": "l2",
+                                          "low_rank_dimension": 2})
+    _randomise(reft)
+    ids, mask = pad_batch(SEQS, "right")
+    with torch.no_grad():
+        full = reft(input_ids=ids, attention_mask=mask).logits
+        with reft.intervening(input_ids=ids, attention_mask=mask):
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert reft._hooks.state is None
+        torch.testing.assert_close(model.lm_head(hidden), full, atol=1e-6, rtol=1e-6)

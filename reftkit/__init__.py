@@ -5,6 +5,8 @@ Importing reftkit has no side effects: no network, no writes, no nnsight import.
 from __future__ import annotations
 
 from .config import ConfigError, ReftConfig, RepresentationConfig
+from .data import (DataError, ReftDataCollator, make_classification_data_module,
+                   make_last_position_supervised_data_module, make_multiple_position_supervised_data_module)
 from .model import ReftModel, get_reft_model
 from .positions import PositionError, parse_positions
 from .serialization import LoadError
@@ -24,5 +26,7 @@ def __getattr__(name: str):
 __all__ = [
     "ReftConfig", "RepresentationConfig", "ReftModel", "get_reft_model", "ConfigError", "LoadError",
     "PositionError", "StructureError", "COMPONENTS", "Site", "resolve_site", "parse_positions",
-    "load_model", "smollm2_path", "minilm_path",
+    "load_model", "smollm2_path", "minilm_path", "DataError", "ReftDataCollator",
+    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
+    "make_classification_data_module",
 ]

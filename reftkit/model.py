@@ -120,6 +120,19 @@ class ReftModel(nn.Module):
                 located[spec] = locate(spec, start, lengths, length)
         return CallState.build(stack_locations([located[spec] for spec in self._specs]))
 
+    def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Each intervention's positions (from the config) inside prompts of the given lengths,
+        counted from 0: ``[N, K, P]``, -1 = empty. Data modules store these with the examples, so
+        the response tokens appended after a prompt never shift where the interventions act."""
+        missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
+        if missing:
+            raise ValueError(f"interventions {missing} have positions=None in the config; give positions to "
+                             "the data module instead")
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        start = torch.zeros_like(lengths)
+        width = int(lengths.max()) if len(lengths) else 0
+        return stack_locations([locate(spec, start, lengths, width) for spec in self._specs])
+
     def _check_live(self) -> None:
         if self._detached:
             raise RuntimeError("this ReftModel was detached; build a new one with get_reft_model")

@@ -39,3 +39,23 @@ def pad_batch(seqs: list[list[int]], side: str, pad: int = 0) -> tuple[torch.Ten
         ids.append(fill + s if side == "left" else s + fill)
         mask.append(zeros + ones if side == "left" else ones + zeros)
     return torch.tensor(ids), torch.tensor(mask)
+
+
+WORDS = ("what is the capital of france paris define word a an dog cat animal that barks meows "
+         "colour sky blue how many legs spider eight tell me about it yes no good bad movie great awful").split()
+
+
+def tiny_tokenizer(padding_side: str = "right", with_pad: bool = True):
+    """A word-level tokenizer built offline: <pad>=0, <s>=1, </s>=2, <unk>=3, then WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    for extra in ("?", ".", "!", ","):
+        vocab[extra] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>" if with_pad else None, padding_side=padding_side)
+    return tok

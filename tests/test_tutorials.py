@@ -1,0 +1,25 @@
+"""Every tutorial notebook runs top to bottom with the small parameters given here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+SMALL = {"01_quickstart.ipynb": "STEPS = 3\nMAX_NEW_TOKENS = 6\nRANK = 2\n"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_notebook_executes(name, tmp_path):
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "each tutorial has exactly one cell tagged 'parameters'"
+    tagged[0].source = SMALL[name]
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+
+def test_every_tutorial_has_small_parameters():
+    assert sorted(p.name for p in TUTORIALS.glob("*.ipynb")) == sorted(SMALL)

@@ -235,6 +235,11 @@ class ReftModel(nn.Module):
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs: Any) -> None:
+        """transformers 5.x name of :meth:`gradient_checkpointing_enable` (what ``Trainer`` calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
     def detach(self) -> nn.Module:
         """Remove every hook, restore the base model's ``requires_grad`` flags, return the base."""
         self._check_live()

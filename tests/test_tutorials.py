@@ -8,7 +8,11 @@ import pytest
 from nbclient import NotebookClient
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-SMALL = {"01_quickstart.ipynb": "STEPS = 3\nMAX_NEW_TOKENS = 6\nRANK = 2\n"}
+SMALL = {
+    "01_quickstart.ipynb": "STEPS = 3\nMAX_NEW_TOKENS = 6\nRANK = 2\n",
+    "02_instruction_tuning_1k.ipynb": "N_TRAIN = 16\nN_EVAL = 4\nEPOCHS = 1\nMAX_NEW_TOKENS = 6\n"
+                                      "OUTPUT_DIR = 'run'\n",
+}
 
 
 @pytest.mark.slow

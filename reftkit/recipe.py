@@ -1,0 +1,168 @@
+"""``reftkit train CONFIG.yaml`` / ``reftkit eval CONFIG.yaml``: a whole run from one config file.
+
+A config names the model, the data, the representations and ``transformers.TrainingArguments``;
+a run writes ``<output_dir>/interventions`` (``ReftModel.save_pretrained``) and
+``<output_dir>/metrics.json`` (trainable parameters, wall time, peak memory, scores before and after,
+the loss curve). See ``configs/wordnet_1k.yaml``.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TASKS = ("generation", "classification")
+
+
+class RecipeError(ValueError):
+    """A config field with an invalid value; names the field."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text())
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path}: the config must be a mapping")
+    for field in ("model", "data", "representations", "output_dir"):
+        if field not in config:
+            raise RecipeError(f"{path}: field {field!r} is missing")
+    task = config.get("task", "generation")
+    if task not in TASKS:
+        raise RecipeError(f"{path}: task={task!r}; choose one of {TASKS}")
+    return config
+
+
+def load_examples(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """``{train, eval}`` lists of examples from a packaged source or a JSONL file."""
+    source = data.get("source")
+    if source == "wordnet":
+        from .datasets import define_word_dataset
+        return define_word_dataset(n_train=data.get("n_train", 1000), n_eval=data.get("n_eval", 200),
+                                   seed=data.get("seed", 0), min_count=data.get("min_count", 0))
+    if source in ("rotten_tomatoes", "bbc_news"):
+        from .datasets import labelled_texts
+        sets = labelled_texts(source, seed=data.get("seed", 0))
+        cut = lambda rows, n: rows[:n] if n else rows  # noqa: E731
+        return {"train": cut(sets["train"], data.get("n_train")), "eval": cut(sets["eval"], data.get("n_eval")),
+                "labels": sets["labels"]}
+    if source == "jsonl":
+        out = {}
+        for split in ("train", "eval"):
+            path = data.get(split)
+            if path is None:
+                raise RecipeError(f"data.{split} is missing: give a JSONL file with prompt/response fields")
+            out[split] = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        return out
+    raise RecipeError(f"data.source={source!r}; choose wordnet, rotten_tomatoes, bbc_news or jsonl")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _score_generation(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data: dict[str, Any],
+                      evaluation: dict[str, Any]) -> dict[str, float]:
+    from reftkit.analysis.text_metrics import generate_predictions, text_scores
+
+    predictions = generate_predictions(model, tokenizer, [r["prompt"] for r in rows],
+                                       max_new_tokens=evaluation.get("max_new_tokens", 48),
+                                       batch_size=evaluation.get("batch_size", 16),
+                                       chat_template=data.get("chat_template", True))
+    return text_scores(predictions, [r["response"] for r in rows])
+
+
+def run_train(config: dict[str, Any]) -> dict[str, Any]:
+    """Train (and evaluate before/after) as the config says; returns the metrics written."""
+    from transformers import TrainingArguments
+
+    import reftkit
+    from .training import ReftForSequenceClassification, ReftTrainer
+
+    torch.manual_seed(config.get("seed", 0))
+    out_dir = Path(config["output_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, evaluation = config["data"], config.get("eval", {})
+    task = config.get("task", "generation")
+    model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
+    examples = load_examples(data)
+    metrics: dict[str, Any] = {"model": config["model"], "task": task, "n_train": len(examples["train"]),
+                               "n_eval": len(examples["eval"])}
+    if task == "generation" and evaluation.get("before", True):
+        metrics["before"] = _score_generation(model, tokenizer, examples["eval"], data, evaluation)
+
+    reft = reftkit.get_reft_model(model, config["representations"])
+    counts = reft.parameter_counts()
+    if task == "classification":
+        module = reftkit.make_classification_data_module(
+            tokenizer, reft, [r["text"] for r in examples["train"]], [r["label"] for r in examples["train"]],
+            label_names=examples["labels"], max_length=data.get("max_length"))
+        trained = ReftForSequenceClassification(reft, num_labels=len(examples["labels"]),
+                                                pooling=config.get("pooling", "last"))
+    else:
+        module = reftkit.make_last_position_supervised_data_module(
+            tokenizer, reft, [r["prompt"] for r in examples["train"]], [r["response"] for r in examples["train"]],
+            chat_template=data.get("chat_template", True), max_length=data.get("max_length"))
+        trained = reft
+    metrics["trainable_parameters"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    metrics["model_parameters"] = counts["model"]
+    defaults = {"output_dir": str(out_dir / "checkpoints"), "report_to": [], "save_strategy": "no",
+                "logging_steps": 10, "use_cpu": not torch.cuda.is_available()}
+    args = TrainingArguments(**{**defaults, **config.get("training", {})})
+    trainer = ReftTrainer(model=trained, args=args, train_dataset=module["train_dataset"],
+                          data_collator=module["data_collator"])
+    start = time.perf_counter()
+    trainer.train()
+    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    history = trainer.state.log_history
+    # runs shorter than logging_steps log no step losses: fall back to the run's mean loss
+    metrics["loss_curve"] = [(h["step"], h["loss"]) for h in history if "loss" in h] or \
+        [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    trained.eval()
+    if task == "classification":
+        metrics["after"] = {"accuracy": classification_accuracy(trained, tokenizer, examples, data)}
+        trained.save_pretrained(out_dir / "interventions")
+    else:
+        metrics["after"] = _score_generation(reft, tokenizer, examples["eval"], data, evaluation)
+        reft.save_pretrained(out_dir / "interventions")
+    metrics["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    if torch.cuda.is_available():
+        metrics["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+@torch.no_grad()
+def classification_accuracy(classifier: Any, tokenizer: Any, examples: dict[str, Any], data: dict[str, Any],
+                            batch_size: int = 32) -> float:
+    import reftkit
+
+    module = reftkit.make_classification_data_module(
+        tokenizer, classifier.reft, [r["text"] for r in examples["eval"]], [r["label"] for r in examples["eval"]],
+        label_names=examples["labels"], max_length=data.get("max_length"))
+    rows, correct = list(module["train_dataset"]), 0
+    for start in range(0, len(rows), batch_size):
+        batch = module["data_collator"](rows[start:start + batch_size])
+        logits = classifier(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    return 100.0 * correct / len(rows)
+
+
+def run_eval(config: dict[str, Any], interventions: str | Path | None = None) -> dict[str, Any]:
+    """Score the saved interventions of a run (or the bare model with ``interventions=None``)."""
+    import reftkit
+
+    data, evaluation = config["data"], config.get("eval", {})
+    model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
+    examples = load_examples(data)
+    target = model if interventions is None else reftkit.ReftModel.from_pretrained(model, interventions).eval()
+    scores = _score_generation(target, tokenizer, examples["eval"], data, evaluation)
+    result = {"model": config["model"], "interventions": str(interventions) if interventions else None, **scores}
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_metrics.json").write_text(json.dumps(result, indent=2))
+    return result

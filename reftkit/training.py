@@ -1,0 +1,351 @@
+"""Train ReFT interventions with the Hugging Face ``Trainer`` (transformers 5.x).
+
+* :class:`ReftTrainer` trains a :class:`~reftkit.ReftModel` on causal-LM batches (``input_ids``,
+  ``attention_mask``, unshifted ``labels`` with -100 where unsupervised, ``intervention_locations``)
+  or a :class:`ReftForSequenceClassification` on classification batches (``labels`` ``[B]``).
+* The LM loss runs the backbone with the interventions active and applies the LM head only to the
+  rows that carry a label (:func:`causal_lm_loss`): no ``[B, T, vocab]`` logits are ever built.
+* Checkpoints hold only what is trained (``reft.save_pretrained``: ``config.json`` +
+  ``interventions.safetensors``, plus ``head.safetensors`` / ``head_config.json`` for a classifier)
+  next to the optimizer, scheduler, RNG and trainer state that ``Trainer`` writes; resuming loads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
+
+from .model import ReftModel
+from .serialization import CONFIG_NAME, LoadError, check_and_load, read_config, read_weights
+
+logger = logging.get_logger(__name__)
+
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head_config.json"
+POOLINGS = ("last", "first", "mean")
+# Config fields of causal LMs whose forward transforms the logits after the head (Gemma 2/3 soft
+# capping, Cohere and Granite scaling): `lm_head(hidden)` alone would give a different loss there.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+# -- the label-only causal-LM loss ------------------------------------------------------------
+def _module_path(root: nn.Module, target: nn.Module) -> str | None:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def find_backbone_and_head(reft: ReftModel) -> tuple[nn.Module, nn.Module] | None:
+    """``(backbone, lm_head)`` of the wrapped causal LM, or ``None`` when the label-only path would not
+    reproduce the model's own loss and the full forward must be used.
+
+    The backbone is ``get_decoder()`` (else ``base_model``); as in every HF causal LM its
+    ``last_hidden_state`` already has the final norm applied, so the head follows it directly.
+    """
+    hf = reft.model
+    config = getattr(hf, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    if getattr(config, "final_logit_softcapping", None) is not None or any(
+            getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS[1:]):
+        return None
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    backbone = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+    if backbone is None or backbone is hf:
+        backbone = getattr(hf, "base_model", None)
+    if head is None or backbone is None or backbone is hf:
+        return None
+    # Every hooked module must run inside the backbone, else its intervention would be skipped.
+    prefix = _module_path(hf, backbone)
+    if prefix is None:
+        return None
+    if prefix and any(not (s.site.module_path == prefix or s.site.module_path.startswith(prefix + "."))
+                      for s in reft._hooks.slots):
+        return None
+    return backbone, head
+
+
+def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None, intervention_locations: torch.Tensor | None = None,
+                   num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Causal-LM cross entropy of ``reft`` on unshifted ``labels``, with vocabulary logits only for the
+    labelled positions: ``hidden[:, :-1]`` rows whose ``labels[:, 1:]`` is not -100 are gathered and
+    only they go through the head. Returns ``{"loss", "logits" [N, vocab] of those rows (row-major)}``.
+
+    Reduction is HF's: ``sum / num_items_in_batch`` when given (gradient-accumulation correct), else
+    the mean over labelled tokens (0, not NaN, when a batch has none).
+    """
+    if labels is None:
+        raise ValueError("causal_lm_loss needs labels ([batch, seq], -100 where unsupervised)")
+    parts = find_backbone_and_head(reft)
+    with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds")):
+        if parts is None:
+            # Fallback: the model exposes no (backbone, head) pair we can trust to match its own
+            # forward, so run it whole; it computes logits for every position (correct, costlier).
+            out = reft.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                             num_items_in_batch=num_items_in_batch, **kwargs)
+            return {"loss": out.loss, "logits": out.logits}
+        backbone, head = parts
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
+    logits = head(rows).float()  # HF computes the loss in float32 too
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if num_items_in_batch is None:
+        loss = loss / keep.sum().clamp_min(1)
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return {"loss": loss, "logits": logits}
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Any) -> Iterator[None]:
+    """Let ``module(...)`` run ``forward`` for the duration of the block.
+
+    A DDP wrapper reduces gradients only for graphs built through its own ``forward`` (which arms
+    the reducer); routing the label-only loss through ``wrapper(**inputs)`` keeps DDP correct.
+    """
+    had = "forward" in vars(module)
+    saved = vars(module).get("forward")  # e.g. accelerate's autocast wrapper
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = saved
+        else:
+            del module.forward
+
+
+# -- sequence classification ------------------------------------------------------------------
+class ReftForSequenceClassification(nn.Module):
+    """A :class:`ReftModel` plus a trainable float32 linear head on one pooled hidden state.
+
+    ``pooling``: ``"last"`` (default) — the last real token (``attention_mask``-aware, left or right
+    padding), the only position that has seen the whole sequence in a causal model; ``"first"`` —
+    the first real token (BERT's [CLS]); ``"mean"`` — the mean over real tokens. The hidden state is
+    the backbone's ``last_hidden_state`` (final norm applied), never vocabulary logits.
+    """
+
+    def __init__(self, reft: ReftModel, num_labels: int, pooling: str = "last") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; expected one of {POOLINGS}")
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels={num_labels!r} must be an int >= 2")
+        self.reft, self.num_labels, self.pooling = reft, num_labels, pooling
+        width = reft.config.hidden_size
+        self.head = nn.Linear(width, num_labels).to(device=reft.device, dtype=torch.float32)
+
+    @property
+    def config(self) -> Any:
+        return self.reft.config
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs: Any) -> None:
+        """What ``Trainer`` calls for ``activation_checkpointing=True``; see the ReftModel method."""
+        self.reft.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def _hidden(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                intervention_locations: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        hf = self.reft.model
+        backbone = hf.get_decoder() if hasattr(hf, "get_decoder") else getattr(hf, "base_model", hf)
+        with self.reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds")):
+            if backbone is hf and hasattr(hf, "get_output_embeddings") and hf.get_output_embeddings() is not None:
+                # no separate backbone: ask the full model for its last hidden state
+                return hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          **kwargs).hidden_states[-1]
+            return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B, T, D]`` -> ``[B, D]`` by ``self.pooling`` over the real (mask == 1) tokens."""
+        batch, length = hidden.shape[:2]
+        mask = (torch.ones(batch, length, device=hidden.device) if attention_mask is None
+                else attention_mask.to(hidden.device).float())
+        if self.pooling == "mean":
+            return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        order = torch.arange(length, device=hidden.device).float()
+        # last real token = argmax of mask * position; first = argmax of mask * (reversed position)
+        score = mask * (order if self.pooling == "last" else length - order)
+        index = score.argmax(1)
+        return hidden[torch.arange(batch, device=hidden.device), index]
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                intervention_locations: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any) -> SequenceClassifierOutput:
+        """Logits ``[B, num_labels]``; with ``labels`` ``[B]`` also the cross entropy (mean, or
+        sum / ``num_items_in_batch`` when given)."""
+        hidden = self._hidden(input_ids, attention_mask, intervention_locations, **kwargs)
+        logits = self.head(self.pool(hidden, attention_mask).float())
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device).long().view(-1)
+            bad = (labels < 0) | (labels >= self.num_labels)
+            if bool(bad.any()):  # one host sync per step; a silent out-of-range label is worse
+                raise ValueError(f"label {int(labels[bad][0])} is out of range for {self.num_labels} classes "
+                                 f"(expected 0..{self.num_labels - 1})")
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            loss = loss / (labels.numel() if num_items_in_batch is None else num_items_in_batch)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """``reft.save_pretrained`` plus ``head.safetensors`` and ``head_config.json``."""
+        folder = self.reft.save_pretrained(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(folder / HEAD_WEIGHTS), metadata={"format": "pt"})
+        meta = {"library": "reftkit", "num_labels": self.num_labels, "pooling": self.pooling,
+                "hidden_size": self.head.in_features}
+        (folder / HEAD_CONFIG).write_text(json.dumps(meta, indent=2))
+        return folder
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load interventions and head saved by :meth:`save_pretrained` into this instance."""
+        folder = Path(path)
+        load_interventions(self.reft, folder)
+        meta = json.loads((folder / HEAD_CONFIG).read_text()) if (folder / HEAD_CONFIG).is_file() else None
+        if meta is None or not (folder / HEAD_WEIGHTS).is_file():
+            raise LoadError(f"{folder} has no {HEAD_CONFIG} / {HEAD_WEIGHTS}; was it saved by a classifier?")
+        if (meta.get("num_labels"), meta.get("pooling")) != (self.num_labels, self.pooling):
+            raise LoadError(f"{folder / HEAD_CONFIG}: num_labels={meta.get('num_labels')}, pooling="
+                            f"{meta.get('pooling')!r}; this model has {self.num_labels}, {self.pooling!r}")
+        tensors = load_file(str(folder / HEAD_WEIGHTS))
+        self.head.load_state_dict({k: v.to(self.head.weight.device) for k, v in tensors.items()}, strict=True)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path) -> "ReftForSequenceClassification":
+        """Rebuild on ``model`` (the untouched base) from a folder written by :meth:`save_pretrained`."""
+        folder = Path(path)
+        meta = json.loads((folder / HEAD_CONFIG).read_text())
+        clf = cls(ReftModel.from_pretrained(model, folder), meta["num_labels"], meta["pooling"])
+        tensors = load_file(str(folder / HEAD_WEIGHTS))
+        clf.head.load_state_dict({k: v.to(clf.head.weight.device) for k, v in tensors.items()}, strict=True)
+        return clf
+
+
+def load_interventions(reft: ReftModel, path: str | Path) -> None:
+    """Load the intervention weights of a save folder into an existing ``reft`` (same config)."""
+    folder = Path(path)
+    config = read_config(folder)
+    saved = [r["key"] for r in config.get("interventions", [])]
+    if saved and saved != list(reft.interventions):
+        raise LoadError(f"{folder / CONFIG_NAME}: interventions {saved} were saved, this model has "
+                        f"{list(reft.interventions)}")
+    check_and_load(reft.interventions, read_weights(folder, config), str(folder))
+
+
+# -- the trainer ------------------------------------------------------------------------------
+class ReftTrainer(Trainer):
+    """``transformers.Trainer`` for a :class:`ReftModel` (causal LM, label-only logits) or a
+    :class:`ReftForSequenceClassification`.
+
+    Differences from ``Trainer``, each forced on purpose:
+
+    * ``remove_unused_columns=False``: ``intervention_locations`` is not a named argument of the
+      forward, so ``Trainer`` would silently drop it (the args object is copied, not mutated).
+    * ``ddp_find_unused_parameters=False`` unless set: every intervention (and the head) is in the
+      graph of every step, and the default for non-``PreTrainedModel`` models (True) costs a traversal.
+    * The optimizer gets exactly the trainable parameters: ``Trainer`` keeps ``requires_grad`` ones,
+      and the base model is frozen by ``get_reft_model``.
+    * Checkpoints hold only the interventions (and head); the base model is never written.
+    """
+
+    def __init__(self, model: ReftModel | ReftForSequenceClassification,
+                 args: TrainingArguments | None = None, **kwargs: Any) -> None:
+        if not isinstance(model, (ReftModel, ReftForSequenceClassification)):
+            raise TypeError(f"ReftTrainer trains a ReftModel or ReftForSequenceClassification, got "
+                            f"{type(model).__name__}; build one with reftkit.get_reft_model")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("ReftTrainer does not support model_init; pass the ReftModel")
+        args = copy.copy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
+        if args.remove_unused_columns:
+            logger.info("ReftTrainer: remove_unused_columns set to False (intervention_locations must reach the model)")
+            args.remove_unused_columns = False
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False
+        super().__init__(model=model, args=args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
+            raise ValueError("ReftTrainer supports one device or DDP (torchrun); not DeepSpeed, FSDP or "
+                             "nn.DataParallel: the trainable state is a few small tensors")
+        self.is_classifier = isinstance(model, ReftForSequenceClassification)
+        # Our compute_loss honours num_items_in_batch, so let Trainer count it ...
+        self.model_accepts_loss_kwargs = True
+        # ... over the shifted labels for the LM (Trainer infers this from `loss_type`, which a
+        # ReftModel lacks) and over all labels for a classifier.
+        self._loss_shifts_labels = not self.is_classifier
+        # `find_labels` inspects forward's signature, which has no `labels`: without this the
+        # evaluation loop would believe the batches carry no labels and report no loss.
+        if self.args.label_names is None:
+            self.label_names = ["labels"]
+
+    def _reft_module(self, model: nn.Module | None = None) -> ReftModel | ReftForSequenceClassification:
+        return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """LM: :func:`causal_lm_loss`; classifier: the head's cross entropy. Both are called through
+        ``model`` (possibly the DDP wrapper) so DDP sees the forward."""
+        inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        if self.is_classifier:
+            outputs = model(**inputs)
+        else:
+            reft = self._reft_module(model)
+
+            def forward(**kw: Any) -> dict[str, torch.Tensor]:
+                # keeps mixed precision: our forward replaces accelerate's autocast wrapper
+                with self.accelerator.autocast():
+                    return causal_lm_loss(reft, **kw)
+
+            with _forward_replaced(reft, forward):
+                outputs = model(**inputs)
+        loss = outputs["loss"]
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: num_items_in_batch is the global count, and DDP averages the
+            # gradients over processes, so scale back up to get sum / global count exactly.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write only the trained tensors (``save_pretrained``), the tokenizer and the args."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._reft_module().save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # Trainer's convention
+
+    def _load_weights(self, folder: str, model: nn.Module | None = None) -> None:
+        module = self._reft_module(model)
+        if isinstance(module, ReftForSequenceClassification):
+            module.load_weights(folder)
+        else:
+            load_interventions(module, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: load the interventions (and head); Trainer then loads optimizer/scheduler/RNG."""
+        logger.info(f"Loading interventions from {resume_from_checkpoint}")
+        self._load_weights(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: reload the interventions (and head) of the best checkpoint."""
+        logger.info(f"Loading best interventions from {self.state.best_model_checkpoint} "
+                    f"(score: {self.state.best_metric}).")
+        self._load_weights(self.state.best_model_checkpoint)

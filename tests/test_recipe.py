@@ -1,0 +1,55 @@
+"""`reftkit train` / `reftkit eval` from a YAML config, on a tiny local model and JSONL data."""
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+
+from conftest import tiny_llama, tiny_tokenizer
+from reftkit.cli import main
+
+PAIRS = [("what is the capital of france ?", "paris ."), ("define dog .", "an animal that barks ."),
+         ("define cat .", "an animal that meows ."), ("how many legs spider ?", "eight .")]
+
+
+def _setup(tmp_path):
+    model_dir = tmp_path / "model"
+    model = tiny_llama()
+    # at the default init (std 0.02) an RMS-normed tiny model's logits stay within about +-0.6, so
+    # nothing can make its predictions sharp; a wider unembedding gives the test something to learn
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    for split in ("train", "eval"):
+        lines = [json.dumps({"prompt": p, "response": r}) for p, r in PAIRS]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines))
+    config = {
+        "model": str(model_dir), "output_dir": str(tmp_path / "run"), "seed": 0,
+        "data": {"source": "jsonl", "train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"),
+                 "chat_template": False},
+        "representations": [{"layer": [0, 1], "component": "block_output", "positions": "l1",
+                             "intervention": "loreft", "low_rank_dimension": 2}],
+        "training": {"num_train_epochs": 20, "per_device_train_batch_size": 4, "learning_rate": 0.3, "lr_scheduler_type": "constant",
+                     "logging_steps": 1},
+        "eval": {"max_new_tokens": 6, "batch_size": 4},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_then_eval_from_config(tmp_path, capsys):
+    config = _setup(tmp_path)
+    assert main(["train", str(config), "--set", "training.num_train_epochs=40"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] == 2 * (32 * 2 + 2 * 32 + 2)
+    assert metrics["n_train"] == 4 and metrics["train_seconds"] > 0 and metrics["peak_rss_mb"] > 0
+    curve = [loss for _, loss in metrics["loss_curve"]]
+    assert len(curve) == 40 and curve[-1] < 0.8 * curve[0]
+    assert metrics["after"]["rougeL"] > metrics["before"]["rougeL"]   # it learned the training answers
+    assert (tmp_path / "run" / "interventions" / "interventions.safetensors").is_file()
+    # eval of the saved interventions reproduces the trained model's scores
+    assert main(["eval", str(config), "--interventions", str(tmp_path / "run" / "interventions")]) == 0
+    evaluated = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
+    assert evaluated["rougeL"] == metrics["after"]["rougeL"] and evaluated["bleu4"] == metrics["after"]["bleu4"]

@@ -53,3 +53,20 @@ def test_train_then_eval_from_config(tmp_path, capsys):
     assert main(["eval", str(config), "--interventions", str(tmp_path / "run" / "interventions")]) == 0
     evaluated = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
     assert evaluated["rougeL"] == metrics["after"]["rougeL"] and evaluated["bleu4"] == metrics["after"]["bleu4"]
+
+
+def test_classification_recipe_on_minilm(tmp_path):
+    """MiniLM + LoReFT + a head on the packaged Rotten Tomatoes snippets (tiny budget)."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "rotten_tomatoes_minilm.yaml"
+    assert main(["train", str(config), "--set", "data.n_train=96", "--set", "data.n_eval=32",
+                 "--set", "training.num_train_epochs=2", "--set", "training.logging_steps=1",
+                 "--set", f"output_dir={tmp_path / 'rt'}"]) == 0
+    metrics = json.loads((tmp_path / "rt" / "metrics.json").read_text())
+    assert metrics["task"] == "classification" and metrics["n_train"] == 96
+    assert metrics["trainable_parameters"] == 6 * (384 * 4 * 2 + 4) + 384 * 2 + 2  # 6 layers of LoReFT + head
+    assert 0.0 <= metrics["after"]["accuracy"] <= 100.0
+    assert len(metrics["loss_curve"]) == 6
+    saved = {p.name for p in (tmp_path / "rt" / "interventions").iterdir()}
+    assert {"interventions.safetensors", "head.safetensors"} <= saved

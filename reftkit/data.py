@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .positions import PositionSpec, locate, parse_positions, split_untied, stack_locations
+from .positions import PositionSpec, locate_all, parse_positions, split_untied
 
 IGNORE_INDEX = -100
 
@@ -172,12 +172,7 @@ def _supervised(tokenizer: Any, model: Any, inputs: Sequence[str], outputs: Sequ
     pairs = tokenize_pairs(tokenizer, inputs, outputs, chat_template=chat_template,
                            max_length=_context_limit(tokenizer, model, max_length))
     lengths = torch.tensor([len(p) for p, _ in pairs])
-    start, width = torch.zeros_like(lengths), int(lengths.max())
-    located: dict[PositionSpec, torch.Tensor] = {}
-    for spec in specs:
-        if spec not in located:
-            located[spec] = locate(spec, start, lengths, width)
-    locations = stack_locations([located[s] for s in specs])  # [N, K, P]
+    locations = locate_all(specs, torch.zeros_like(lengths), lengths, int(lengths.max()))  # [N, K, P]
     return ReftDataset([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r,
                          "locations": locations[i].tolist()} for i, (p, r) in enumerate(pairs)])
 
@@ -238,7 +233,7 @@ def make_classification_data_module(
     lengths = torch.tensor([len(e) for e in encoded])
     if (lengths == 0).any():
         raise DataError(f"texts[{int((lengths == 0).nonzero()[0])}] tokenises to nothing")
-    locations = stack_locations([locate(s, torch.zeros_like(lengths), lengths, int(lengths.max())) for s in specs])
+    locations = locate_all(specs, torch.zeros_like(lengths), lengths, int(lengths.max()))
     for i, (enc, label) in enumerate(zip(encoded, ids)):
         items.append({"input_ids": list(enc), "labels": label, "locations": locations[i].tolist()})
     return {"train_dataset": ReftDataset(items), "eval_dataset": None, "data_collator": ReftDataCollator(tokenizer),

@@ -17,7 +17,7 @@ from reftkit.interventions import InterventionError
 
 from .config import ConfigError, ReftConfig, RepresentationConfig
 from .hooks import CallState, HookManager, Slot
-from .positions import PositionSpec, check_locations, locate, sequence_extent, split_untied, stack_locations
+from .positions import PositionSpec, check_locations, locate_all, sequence_extent, split_untied
 from .structure import StructureError, num_layers, resolve_site
 
 
@@ -114,11 +114,7 @@ class ReftModel(nn.Module):
             raise ValueError(f"interventions {missing} have positions=None in the config, so "
                              "intervention_locations must be passed")
         start, lengths = sequence_extent(attention_mask, batch, length, ref.device)
-        located: dict[PositionSpec, torch.Tensor] = {}
-        for spec in self._specs:
-            if spec not in located:
-                located[spec] = locate(spec, start, lengths, length)
-        return CallState.build(stack_locations([located[spec] for spec in self._specs]))
+        return CallState.build(locate_all(self._specs, start, lengths, length))
 
     def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
         """Each intervention's positions (from the config) inside prompts of the given lengths,
@@ -129,9 +125,8 @@ class ReftModel(nn.Module):
             raise ValueError(f"interventions {missing} have positions=None in the config; give positions to "
                              "the data module instead")
         lengths = torch.as_tensor(lengths, dtype=torch.long)
-        start = torch.zeros_like(lengths)
         width = int(lengths.max()) if len(lengths) else 0
-        return stack_locations([locate(spec, start, lengths, width) for spec in self._specs])
+        return locate_all(self._specs, torch.zeros_like(lengths), lengths, width)
 
     def _check_live(self) -> None:
         if self._detached:

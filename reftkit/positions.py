@@ -108,6 +108,15 @@ def locate(spec: PositionSpec, start: torch.Tensor, lengths: torch.Tensor, width
     return torch.cat(parts, dim=1)
 
 
+def locate_all(specs: list[PositionSpec], start: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``[batch, K, P]`` for one spec per intervention, locating each distinct spec once."""
+    located: dict[PositionSpec, torch.Tensor] = {}
+    for spec in specs:
+        if spec not in located:
+            located[spec] = locate(spec, start, lengths, width)
+    return stack_locations([located[spec] for spec in specs])
+
+
 def stack_locations(per_intervention: list[torch.Tensor]) -> torch.Tensor:
     """Pad each ``[batch, P_k]`` with -1 to a common width and stack to ``[batch, K, P]``."""
     first = per_intervention[0]

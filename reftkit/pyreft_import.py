@@ -100,8 +100,8 @@ def load_pyreft(model: nn.Module, path: str | Path, positions: str | None = None
         kwargs = {"low_rank_dimension": int(low_rank)} | dict(intervention_kwargs)
         if cls_name in ("NoreftIntervention", "NodireftIntervention"):
             kwargs["add_bias"] = "proj_layer.bias" in state
-        for unsupported in ("act_fn",) if cls_name in ("ConsreftIntervention", "LobireftIntervention") else ():
-            kwargs.pop(unsupported, None)
+        if cls_name in ("ConsreftIntervention", "LobireftIntervention"):
+            kwargs.pop("act_fn", None)  # these two have no activation
         entries.append({"layer": layer, "component": component, "positions": positions,
                         "intervention": PYREFT_NAMES[cls_name].name, **kwargs})
         states.append(state)

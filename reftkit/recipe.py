@@ -47,9 +47,8 @@ def load_examples(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     if source in ("rotten_tomatoes", "bbc_news"):
         from .datasets import labelled_texts
         sets = labelled_texts(source, seed=data.get("seed", 0))
-        cut = lambda rows, n: rows[:n] if n else rows  # noqa: E731
-        return {"train": cut(sets["train"], data.get("n_train")), "eval": cut(sets["eval"], data.get("n_eval")),
-                "labels": sets["labels"]}
+        n_train, n_eval = data.get("n_train"), data.get("n_eval")  # None slices keep everything
+        return {"train": sets["train"][:n_train], "eval": sets["eval"][:n_eval], "labels": sets["labels"]}
     if source == "jsonl":
         out = {}
         for split in ("train", "eval"):

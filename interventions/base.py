@@ -27,6 +27,14 @@ class Intervention(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: ``forward(h, source=...)``: ``source`` holds the rows of the source run at the positions that
+    #: pair with ``h``'s (same shape as ``h``); interchange-style interventions set this
+    uses_source: ClassVar[bool] = False
+    #: ``forward(h, subspaces=...)``: ``subspaces`` is a bool mask over the intervention's rank
+    #: (``[..., r]``, broadcastable to ``h``'s leading dims; True = that coordinate is used), or None
+    uses_subspaces: ClassVar[bool] = False
+    #: the hook manager records the rows this intervention sees (``reftkit.interventions.Collect``)
+    collects: ClassVar[bool] = False
     #: the argument names ``__init__`` accepts besides ``embed_dim`` (filled by ``__init_subclass__``)
     arguments: ClassVar[tuple[str, ...]] = ()
 
@@ -64,6 +72,11 @@ class Intervention(nn.Module):
 
     def check_width(self, embed_dim: int) -> None:
         """Reject hyper-parameters impossible for this width (overridden by low-rank classes)."""
+
+    @property
+    def rank(self) -> int | None:
+        """Size of the subspace a ``subspaces`` mask indexes (``uses_subspaces`` classes), else None."""
+        return None
 
     def build(self, embed_dim: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

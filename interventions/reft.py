@@ -13,6 +13,16 @@ Every class computes an *edit* and returns ``h + dropout(edit)``: dropout is on 
 on the whole state, and is inactive in ``eval()``. (pyreft applies dropout to the whole output,
 which in training also drops parts of ``h`` itself; in eval mode the two agree exactly.)
 The edit is computed in float32 and the sum cast back to ``h``'s dtype.
+
+Subspaces. Every class here writes its edit through ``r`` coordinates (``e R^T`` or ``e P`` with
+``e`` of width ``r``), so each takes ``forward(h, subspaces=None)``: ``subspaces`` is a bool mask
+broadcastable to ``h.shape[:-1] + (r,)``, and only the coordinates it marks True are edited,
+``h + (e ⊙ m) R^T``. This is pyreft's subspace composition (one intervention, different rank
+rows for different tasks; pyreft's ``examples/composition`` ``SubloreftIntervention``), which
+writes the same thing with index lists, ``h + e[..., idx] R[:, idx]^T``. Unused coordinates get
+no gradient: their rows of ``W``, ``b`` and ``P`` receive exactly zero, and so do the columns of
+``R``; through the QR of :class:`Orthonormal`, column ``k`` of ``R`` depends on ``raw[:, :k+1]``,
+so ``raw`` gets zero gradient only in the columns after the last used one.
 """
 from __future__ import annotations
 
@@ -23,6 +33,25 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .base import Intervention, InterventionError
+
+
+def mask_subspaces(coords: torch.Tensor, subspaces: torch.Tensor | None, owner: nn.Module) -> torch.Tensor:
+    """``coords`` (``[..., r]``) with the coordinates a ``subspaces`` mask leaves out set to zero.
+
+    ``subspaces`` is None (all used) or a bool tensor whose last dim is ``r`` (or 1), broadcastable
+    to ``coords``; True marks a coordinate that is used for that row.
+    """
+    if subspaces is None:
+        return coords
+    if not isinstance(subspaces, torch.Tensor) or subspaces.dtype != torch.bool:
+        raise InterventionError(
+            f"{type(owner).__name__}: subspaces must be a bool tensor over the rank "
+            f"(True = coordinate used), got {subspaces!r:.80}")
+    if subspaces.dim() == 0 or subspaces.shape[-1] not in (1, coords.shape[-1]):
+        raise InterventionError(
+            f"{type(owner).__name__}: subspaces has shape {tuple(subspaces.shape)}; its last dim must be "
+            f"the rank {coords.shape[-1]}")
+    return torch.where(subspaces.to(coords.device), coords, coords.new_zeros(()))
 
 
 def _activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -61,7 +90,13 @@ class Orthonormal(nn.Module):
 
 
 class _LowRank(Intervention):
-    """Shared checks of the rank and the dropout on the edit."""
+    """Shared checks of the rank, the subspace mask and the dropout on the edit."""
+
+    uses_subspaces = True
+
+    @property
+    def rank(self) -> int:
+        return self.hparams["low_rank_dimension"]
 
     def check_width(self, embed_dim: int) -> None:
         r = self.hparams["low_rank_dimension"]
@@ -101,9 +136,10 @@ class LoReFT(_LowRank):
         self.act = _activation(self.hparams["act_fn"])
         self.dropout = nn.Dropout(self.hparams["dropout"])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, subspaces: torch.Tensor | None = None) -> torch.Tensor:
         x, rot = h.float(), self.rotation()
-        return self._finish(h, (self.act(self.source(x)) - x @ rot) @ rot.T)
+        coords = mask_subspaces(self.act(self.source(x)) - x @ rot, subspaces, self)
+        return self._finish(h, coords @ rot.T)
 
 
 class NoReFT(_LowRank):
@@ -127,10 +163,10 @@ class NoReFT(_LowRank):
         self.act = _activation(self.hparams["act_fn"])
         self.dropout = nn.Dropout(self.hparams["dropout"])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, subspaces: torch.Tensor | None = None) -> torch.Tensor:
         x = h.float()
-        edit = (self.act(self.source(x)) - self.projection(x)) @ self.projection.weight
-        return self._finish(h, edit)
+        coords = mask_subspaces(self.act(self.source(x)) - self.projection(x), subspaces, self)
+        return self._finish(h, coords @ self.projection.weight)
 
 
 class DiReFT(_LowRank):
@@ -142,8 +178,9 @@ class DiReFT(_LowRank):
     __init__ = LoReFT.__init__
     build = LoReFT.build
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._finish(h, self.act(self.source(h.float())) @ self.rotation().T)
+    def forward(self, h: torch.Tensor, subspaces: torch.Tensor | None = None) -> torch.Tensor:
+        coords = mask_subspaces(self.act(self.source(h.float())), subspaces, self)
+        return self._finish(h, coords @ self.rotation().T)
 
 
 class NodiReFT(_LowRank):
@@ -156,8 +193,9 @@ class NodiReFT(_LowRank):
     __init__ = NoReFT.__init__
     build = NoReFT.build
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._finish(h, self.act(self.source(h.float())) @ self.projection.weight)
+    def forward(self, h: torch.Tensor, subspaces: torch.Tensor | None = None) -> torch.Tensor:
+        coords = mask_subspaces(self.act(self.source(h.float())), subspaces, self)
+        return self._finish(h, coords @ self.projection.weight)
 
 
 class ConsReFT(_LowRank):
@@ -178,9 +216,9 @@ class ConsReFT(_LowRank):
         self.bias = nn.Parameter(torch.rand(r))
         self.dropout = nn.Dropout(self.hparams["dropout"])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, subspaces: torch.Tensor | None = None) -> torch.Tensor:
         x, rot = h.float(), self.rotation()
-        return self._finish(h, (self.bias - x @ rot) @ rot.T)
+        return self._finish(h, mask_subspaces(self.bias - x @ rot, subspaces, self) @ rot.T)
 
 
 class LobiReFT(_LowRank):
@@ -192,8 +230,8 @@ class LobiReFT(_LowRank):
     __init__ = ConsReFT.__init__
     build = ConsReFT.build
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        edit = (self.bias @ self.rotation().T).expand(h.shape)
+    def forward(self, h: torch.Tensor, subspaces: torch.Tensor | None = None) -> torch.Tensor:
+        edit = (mask_subspaces(self.bias, subspaces, self) @ self.rotation().T).expand(h.shape)
         return self._finish(h, edit)
 
 

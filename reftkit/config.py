@@ -19,7 +19,7 @@ from reftkit.interventions import Intervention, InterventionError, get_intervent
 from .positions import PositionSpec, parse_positions
 
 FORMAT_VERSION = 1
-_OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights")
+_OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights", "heads", "task", "source")
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,12 @@ class RepresentationConfig:
     positions: str | None = "l1"
     intervention: str | type[Intervention] | Intervention = "loreft"
     share_weights: bool = True
+    #: head-level components (``head_query_output``, ...): which heads, each edited on its own
+    heads: list[int] | None = None
+    #: mixed-task batches: the task (intervention set) this entry belongs to; ``None`` = every row
+    task: str | None = None
+    #: which of the call's ``sources`` this entry's source-using interventions read
+    source: int = 0
     intervention_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +81,21 @@ class RepresentationConfig:
                 raise ConfigError(str(err)) from None
         if not isinstance(self.share_weights, bool):
             raise ConfigError(f"{_where(index, 'share_weights')}={self.share_weights!r} must be True or False")
+        heads = self.heads
+        if heads is not None and not (isinstance(heads, (list, tuple)) and heads and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in heads) and len(set(heads)) == len(heads)):
+            raise ConfigError(f"{_where(index, 'heads')}={heads!r} must be a non-empty list of distinct head "
+                              "indices (ints >= 0)")
+        is_head = self.component.startswith("head_")
+        if is_head and heads is None:
+            raise ConfigError(f"{_where(index, 'component')}={self.component!r} is head-level: give heads=[...]")
+        if heads is not None and not is_head:
+            raise ConfigError(f"{_where(index, 'heads')}={heads!r} needs a head-level component "
+                              f"(head_query_output, ...), not component={self.component!r}")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task):
+            raise ConfigError(f"{_where(index, 'task')}={self.task!r} must be a non-empty string or None")
+        if isinstance(self.source, bool) or not isinstance(self.source, int) or self.source < 0:
+            raise ConfigError(f"{_where(index, 'source')}={self.source!r} must be an int >= 0 (an index into sources)")
         try:
             cls = self.intervention_class
         except InterventionError as err:
@@ -118,9 +139,12 @@ class RepresentationConfig:
         """Plain JSON data with every constructor argument (defaults filled in)."""
         iv = self.make_intervention()
         kwargs = {k: v for k, v in iv.hparams.items()}
+        optional = {"heads": list(self.heads) if self.heads is not None else None, "task": self.task,
+                    "source": self.source or None}
         return {"layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
                 "component": self.component, "positions": self.positions,
-                "intervention": iv.name or type(iv).__name__, "share_weights": self.share_weights, **kwargs}
+                "intervention": iv.name or type(iv).__name__, "share_weights": self.share_weights,
+                **{k: v for k, v in optional.items() if v is not None}, **kwargs}
 
 
 class ReftConfig:

@@ -6,7 +6,7 @@ the decode steps of ``generate``) returns its input untouched.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -23,35 +23,94 @@ class Slot:
     key: str
     intervention: nn.Module
     site: Site
+    every_token: bool = False  # positions "all": also applied to each new token at generate's decode steps
+    source: int = 0            # which of the call's sources a source-using intervention reads
+
+
+class SourcesRecorded(Exception):
+    """Raised by a recording hook once every requested row is recorded: the rest of the source
+    run would compute nothing that is used."""
 
 
 @dataclass
 class CallState:
-    """Positions of one call: ``locations`` ``[batch, K, P]`` (-1 empty) and derived masks."""
+    """Everything one call needs: ``locations`` ``[batch, K, P]`` (-1 empty) and derived masks,
+    plus the optional per-call inputs of some interventions.
+
+    * ``sources``: slot index -> rows of the source run at that slot's positions (``[B, P, W]``);
+    * ``subspaces``: slot index -> bool mask over the intervention's rank (``[B, r]``);
+    * ``row_valid``: ``[B, K]``, whether slot k acts on row b at all (task routing);
+    * ``decoding``: generate's decode steps, where only ``every_token`` slots act, on whole rows;
+    * ``record``: a recording (source) run: rows of ``record_slots`` are stored, nothing is edited;
+    * ``collected``: rows seen by ``Collect`` interventions, by key.
+    """
 
     locations: torch.Tensor
     valid: torch.Tensor
     all_valid: bool
     active: bool = True
     batch: int = 0  # rows the model runs on (generate may expand the located batch for beams)
+    row_valid: torch.Tensor | None = None
+    decoding: bool = False
+    sources: dict[int, torch.Tensor] = field(default_factory=dict)
+    subspaces: dict[int, torch.Tensor] = field(default_factory=dict)
+    record: dict[int, torch.Tensor] | None = None
+    record_slots: frozenset[int] = frozenset()
+    collected: dict[str, torch.Tensor] = field(default_factory=dict)
+    routed: dict[int, list[int]] = field(default_factory=dict)
+    _row_index: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, locations: torch.Tensor) -> "CallState":
+    def build(cls, locations: torch.Tensor, row_valid: torch.Tensor | None = None) -> "CallState":
+        routed: dict[int, list[int]] = {}
+        if row_valid is not None:
+            locations = torch.where(row_valid[:, :, None], locations, -1)
+            # Host lists of the rows each routed slot acts on: a slot then runs on those rows only,
+            # so k tasks in a batch cost about what one does (one transfer per call, not per hook).
+            on_host = row_valid.cpu()
+            routed = {k: on_host[:, k].nonzero().flatten().tolist() for k in range(on_host.shape[1])
+                      if not bool(on_host[:, k].all())}
         valid = locations >= 0
         # The fast path needs a host-side answer; on an accelerator that is a device sync per call,
         # so there the masked path (correct for any mask) is used instead.
         all_valid = bool(valid.all()) if locations.device.type == "cpu" else False
-        return cls(locations=locations, valid=valid, all_valid=all_valid, batch=locations.shape[0])
+        state = cls(locations=locations, valid=valid, all_valid=all_valid, batch=locations.shape[0],
+                    row_valid=row_valid)
+        state.routed = routed
+        return state
+
+    def row_index(self, slot: int, batch: int) -> torch.Tensor | None:
+        """The rows (of a ``batch``-row hidden state) a routed slot acts on; None = every row."""
+        rows = self.routed.get(slot)
+        if rows is None:
+            return None
+        key = (slot, batch)
+        if key not in self._row_index:
+            repeat = batch // self.locations.shape[0]  # generate's beams: rows repeated in place
+            self._row_index[key] = torch.tensor([r * repeat + j for r in rows for j in range(repeat)],
+                                                dtype=torch.long, device=self.locations.device)
+        return self._row_index[key]
+
+    def _repeat(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        if batch == t.shape[0]:
+            return t
+        if batch % t.shape[0]:
+            raise RuntimeError(f"hidden batch {batch} is not a multiple of the located batch {t.shape[0]}")
+        return t.repeat_interleave(batch // t.shape[0], 0)
 
     def rows_for(self, slot: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Locations of one intervention, repeated when generate expanded the batch (beams)."""
-        loc, valid = self.locations[:, slot], self.valid[:, slot]
-        if batch != loc.shape[0]:
-            if batch % loc.shape[0]:
-                raise RuntimeError(f"hidden batch {batch} is not a multiple of the located batch {loc.shape[0]}")
-            repeat = batch // loc.shape[0]
-            loc, valid = loc.repeat_interleave(repeat, 0), valid.repeat_interleave(repeat, 0)
-        return loc, valid
+        return self._repeat(self.locations[:, slot], batch), self._repeat(self.valid[:, slot], batch)
+
+    def subspace_for(self, slot: int, batch: int) -> torch.Tensor | None:
+        mask = self.subspaces.get(slot)
+        return None if mask is None else self._repeat(mask, batch)
+
+
+def gather_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``h[b, idx[b, p]]`` as ``[B, P, W]``; -1 slots read token 0 (their rows are never used)."""
+    gidx = idx.clamp_min(0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+    return h.gather(1, gidx)
 
 
 def edit_rows(h: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool,
@@ -105,6 +164,78 @@ class HookManager:
         self.state = None
 
     # -- the hooks ------------------------------------------------------------------------
+    def _call(self, slot: Slot, source: torch.Tensor | None, subspace: torch.Tensor | None):
+        """``rows -> rows'`` for one slot: passes the per-call inputs the intervention declares it
+        uses, and for head-level sites applies it to each selected head (rows ``[..., heads, hd]``)."""
+        iv, heads = slot.intervention, slot.site.heads
+
+        def call(rows: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
+            kwargs = {}
+            if iv.uses_source:
+                kwargs["source"] = src
+            if iv.uses_subspaces:
+                # [B, r] -> [B, 1, ..., r], broadcast over the positions (and heads) of each row
+                kwargs["subspaces"] = None if subspace is None else \
+                    subspace.view(subspace.shape[0], *([1] * (rows.dim() - 2)), subspace.shape[-1])
+            return iv(rows, **kwargs)
+
+        if heads is None:
+            return lambda rows: call(rows, source)
+        index = torch.tensor(heads, device=self.state.locations.device)
+        per_head = (slot.site.num_heads, slot.site.width)
+
+        def on_heads(rows: torch.Tensor) -> torch.Tensor:
+            grid = rows.unflatten(-1, per_head)
+            src = None if source is None else source.unflatten(-1, per_head).index_select(-2, index)
+            edited = call(grid.index_select(-2, index), src).to(grid.dtype)
+            return grid.index_copy(-2, index, edited).flatten(-2)
+        return on_heads
+
+    def _edit(self, slot: Slot, part: torch.Tensor) -> torch.Tensor:
+        state, batch = self.state, part.shape[0]
+        if state.record is not None:  # source run: remember the rows, change nothing
+            if slot.index in state.record_slots:
+                idx, _ = state.rows_for(slot.index, batch)
+                state.record[slot.index] = gather_rows(part, idx)
+                if len(state.record) == len(state.record_slots):
+                    raise SourcesRecorded
+            return part
+        if state.decoding and (not slot.every_token or slot.intervention.collects or slot.intervention.uses_source):
+            return part  # decode steps: only "all"-position interventions edit the new tokens
+        rows = state.row_index(slot.index, batch)
+        if rows is None:
+            return self._edit_rows(slot, part, batch, None)
+        if rows.numel() == 0:
+            return part
+        # a routed slot works on its task's rows only, then writes them back
+        return part.index_copy(0, rows, self._edit_rows(slot, part.index_select(0, rows), batch, rows))
+
+    def _edit_rows(self, slot: Slot, part: torch.Tensor, batch: int, rows: torch.Tensor | None) -> torch.Tensor:
+        state = self.state
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or rows is None else t.index_select(0, rows)
+        subspace = pick(state.subspace_for(slot.index, batch))
+        if state.decoding:
+            return self._call(slot, None, subspace)(part)
+        idx, valid = state.rows_for(slot.index, batch)
+        idx, valid = pick(idx), pick(valid)
+        all_valid = state.all_valid if rows is None else (valid.device.type == "cpu" and bool(valid.all()))
+        if slot.intervention.collects:
+            found = torch.where(valid.unsqueeze(-1), gather_rows(part, idx), 0.0)
+            if slot.site.heads is not None:  # [B, P, heads, head_dim]: the selected heads only
+                index = torch.tensor(slot.site.heads, device=found.device)
+                found = found.unflatten(-1, (slot.site.num_heads, slot.site.width)).index_select(-2, index)
+            if rows is not None:  # keep the batch layout: rows of other tasks stay zero
+                found = torch.zeros((batch, *found.shape[1:]), dtype=found.dtype,
+                                    device=found.device).index_copy(0, rows, found)
+            state.collected[slot.key] = found
+            return part
+        source = state.sources.get(slot.index)
+        if slot.intervention.uses_source and source is None:
+            raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
+        return edit_rows(part, idx, valid, all_valid, self._call(slot, pick(source), subspace))
+
     def _apply(self, slots: list[Slot], h: torch.Tensor) -> torch.Tensor:
         state = self.state
         flat_shape = None
@@ -114,11 +245,11 @@ class HookManager:
         elif h.dim() != 3:
             raise RuntimeError(f"reftkit hooks expect [batch, seq, hidden] representations, got {tuple(h.shape)}")
         for slot in slots:
-            idx, valid = state.rows_for(slot.index, h.shape[0])
             fused = slot.site.fused
             part = fused.extract(h) if fused is not None else h
-            part = edit_rows(part, idx, valid, state.all_valid, slot.intervention)
-            h = fused.insert(h, part) if fused is not None else part
+            edited = self._edit(slot, part)
+            if edited is not part:
+                h = fused.insert(h, edited) if fused is not None else edited
         return h if flat_shape is None else h.reshape(flat_shape)
 
     def _output_hook(self, slots: list[Slot]):

@@ -16,7 +16,8 @@ from torch import nn
 from reftkit.interventions import InterventionError
 
 from .config import ConfigError, ReftConfig, RepresentationConfig
-from .hooks import CallState, HookManager, Slot
+from .hooks import CallState, HookManager, Slot, SourcesRecorded
+from .call_inputs import CALL_INPUTS, Collected, routing, same_width as _same_width, subspace_masks
 from .positions import PositionSpec, check_locations, locate_all, sequence_extent, split_untied
 from .structure import StructureError, num_layers, resolve_site
 
@@ -63,9 +64,12 @@ class ReftModel(nn.Module):
         self.model = model
         self.interventions = nn.ModuleDict()
         self._specs: list[PositionSpec | None] = []
+        self._slot_tasks: list[str | None] = []
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         slots = self._build_slots(model, config)
         model.requires_grad_(False)
+        #: the tasks of a mixed-task model, in config order (``tasks=`` routes batch rows to them)
+        self.task_names: list[str] = list(dict.fromkeys(t for t in self._slot_tasks if t is not None))
         self._hooks = HookManager(model, slots)
         self._hooks.attach()
         self._detached = False
@@ -81,7 +85,7 @@ class ReftModel(nn.Module):
             parts = [("", spec)] if split is None else [("_first", split[0]), ("_last", split[1])]
             for layer in _layers(rep, model):
                 try:
-                    site = resolve_site(model, layer, rep.component)
+                    site = resolve_site(model, layer, rep.component, rep.heads)
                 except StructureError as err:
                     raise ConfigError(f"representations[{i}]: {err}") from None
                 for suffix, part_spec in parts:
@@ -95,26 +99,102 @@ class ReftModel(nn.Module):
                     except InterventionError as err:
                         raise ConfigError(f"representations[{i}] at layer {site.layer}: {err}") from None
                     self.interventions[key] = iv.to(device=device, dtype=torch.float32)
-                    slots.append(Slot(index=len(slots), key=key, intervention=iv, site=site))
+                    slots.append(Slot(index=len(slots), key=key, intervention=iv, site=site,
+                                      every_token=part_spec is not None and part_spec.every, source=rep.source))
                     self._specs.append(part_spec)
+                    self._slot_tasks.append(rep.task)
         return slots
 
     # -- positions --------------------------------------------------------------------------
-    def _call_state(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                    attention_mask: torch.Tensor | None, locations: Any) -> CallState:
-        ref = input_ids if input_ids is not None else inputs_embeds
-        if ref is None:
-            raise ValueError("pass input_ids or inputs_embeds")
+    def _locations(self, ref: torch.Tensor, attention_mask: torch.Tensor | None, locations: Any,
+                   what: str = "intervention_locations") -> torch.Tensor:
         batch, length = ref.shape[0], ref.shape[1]
-        count = len(self._specs)
         if locations is not None:
-            return CallState.build(check_locations(locations, batch, length, count).to(ref.device))
+            return check_locations(locations, batch, length, len(self._specs)).to(ref.device)
         missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
         if missing:
             raise ValueError(f"interventions {missing} have positions=None in the config, so "
-                             "intervention_locations must be passed")
+                             f"{what} must be passed")
         start, lengths = sequence_extent(attention_mask, batch, length, ref.device)
-        return CallState.build(locate_all(self._specs, start, lengths, length))
+        return locate_all(self._specs, start, lengths, length)
+
+    def _call_state(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None, locations: Any, sources: Any = None,
+                    source_locations: Any = None, subspaces: Any = None, tasks: Any = None) -> CallState:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        located = self._locations(ref, attention_mask, locations)
+        row_valid = routing(self.task_names, self._slot_tasks, tasks, ref.shape[0], ref.device)
+        uses_source = [s.index for s in self._hooks.slots if s.intervention.uses_source]
+        recorded: dict[int, torch.Tensor] = {}
+        if uses_source or sources is not None:
+            located, recorded = self._record_sources(located, row_valid, uses_source, sources, source_locations,
+                                                     ref.shape[0])
+        state = CallState.build(located, row_valid)
+        state.sources = recorded
+        state.subspaces = subspace_masks(self._hooks.slots, subspaces, ref.shape[0], ref.device)
+        return state
+
+    def _record_sources(self, located: torch.Tensor, row_valid: torch.Tensor | None, uses_source: list[int],
+                        sources: Any, source_locations: Any, batch: int) -> tuple[torch.Tensor, dict]:
+        """Run each source batch through the bare model, keeping the rows its interventions read."""
+        if not uses_source:
+            raise ValueError("sources were given, but no intervention of this model reads a source run "
+                             "(interchange, DAS, ...)")
+        if sources is None:
+            keys = [self._hooks.slots[i].key for i in uses_source]
+            raise ValueError(f"interventions {keys} read a source run: pass sources={{'input_ids': ..., "
+                             "'attention_mask': ...}} (one batch, or a list of batches)")
+        batches = [sources] if isinstance(sources, Mapping) else list(sources)
+        where = [source_locations] if isinstance(sources, Mapping) else \
+            (list(source_locations) if source_locations is not None else [None] * len(batches))
+        if len(where) != len(batches):
+            raise ValueError(f"source_locations has {len(where)} entries for {len(batches)} source batches")
+        recorded: dict[int, torch.Tensor] = {}
+        for j, (src, src_locations) in enumerate(zip(batches, where)):
+            slots = frozenset(i for i in uses_source if self._hooks.slots[i].source == j)
+            if not slots:
+                continue
+            ids, embeds = src.get("input_ids"), src.get("inputs_embeds")
+            src_ref = ids if ids is not None else embeds
+            if src_ref is None:
+                raise ValueError(f"sources[{j}] has neither input_ids nor inputs_embeds")
+            if src_ref.shape[0] != batch:
+                raise ValueError(f"sources[{j}] has batch size {src_ref.shape[0]}, the base inputs {batch}: a "
+                                 "source run pairs row by row with the base batch")
+            src_located = self._locations(src_ref, src.get("attention_mask"), src_locations, "source_locations")
+            located, src_located = _same_width(located, src_located)
+            base_valid = located >= 0 if row_valid is None else (located >= 0) & row_valid[:, :, None]
+            for i in slots:
+                short = base_valid[:, i] & (src_located[:, i] < 0)
+                if bool(short.any()):
+                    b = int(short.nonzero()[0, 0])
+                    raise ValueError(f"example {b}: intervention {self._hooks.slots[i].key!r} acts on "
+                                     f"{int(base_valid[b, i].sum())} positions of the base but its source run "
+                                     f"has {int((src_located[b, i] >= 0).sum())}; give source_locations")
+            state = CallState.build(src_located)
+            state.record, state.record_slots = {}, slots
+            self._hooks.state = state
+            try:
+                with torch.no_grad():
+                    self.model(**{k: v for k, v in src.items() if v is not None})
+            except SourcesRecorded:
+                pass
+            finally:
+                self._hooks.state = None
+            recorded.update(state.record)
+        missing = [self._hooks.slots[i].key for i in uses_source if i not in recorded]
+        if missing:
+            raise ValueError(f"interventions {missing} read source batch "
+                             f"{[self._hooks.slots[self._index(k)].source for k in missing]}, but only "
+                             f"{len(batches)} source batch(es) were given")
+        # recorded rows may be narrower than the base's (padded) positions: pad them with zeros
+        width = located.shape[-1]
+        return located, {i: torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for i, r in recorded.items()}
+
+    def _index(self, key: str) -> int:
+        return list(self.interventions).index(key)
 
     def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
         """Each intervention's positions (from the config) inside prompts of the given lengths,
@@ -136,36 +216,69 @@ class ReftModel(nn.Module):
     @contextlib.contextmanager
     def intervening(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                     intervention_locations: torch.Tensor | None = None,
-                    inputs_embeds: torch.Tensor | None = None) -> Iterator[None]:
+                    inputs_embeds: torch.Tensor | None = None, **call_inputs: Any) -> Iterator[CallState]:
         """Activate the interventions for calls made inside the block, with positions computed once
         from these inputs — e.g. to run only the backbone (``reft.model.model(...)``) and apply the
-        LM head to the few labelled positions yourself."""
+        LM head to the few labelled positions yourself. ``call_inputs`` are :data:`CALL_INPUTS`
+        (``sources``, ``source_locations``, ``subspaces``, ``tasks``); yields the call's state."""
         self._check_live()
-        state = self._call_state(input_ids, inputs_embeds, attention_mask, intervention_locations)
+        unknown = sorted(set(call_inputs) - set(CALL_INPUTS))
+        if unknown:
+            raise TypeError(f"intervening() got unexpected arguments {unknown}; per-call inputs are {CALL_INPUTS}")
+        state = self._call_state(input_ids, inputs_embeds, attention_mask, intervention_locations, **call_inputs)
         keep = self.training and torch.is_grad_enabled() and _checkpointing(self.model)
         self._hooks.state = state
         try:
-            yield
+            yield state
         finally:
             if not keep:
                 self._hooks.state = None
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """The base model's forward, with the interventions applied at the call's positions."""
+                intervention_locations: torch.Tensor | None = None, *, sources: Any = None,
+                source_locations: Any = None, subspaces: Any = None, tasks: Any = None, **kwargs: Any) -> Any:
+        """The base model's forward, with the interventions applied at the call's positions.
+
+        ``sources``: a batch (``{"input_ids", "attention_mask"}``) or a list of batches, run through the
+        bare model first; interventions that read a source (interchange, DAS) get its rows at
+        ``source_locations`` (default: the config's positions over the source's own tokens).
+        ``subspaces``: per example, the rank coordinates subspace-aware interventions use (pyreft's
+        ``subspaces``: a list of index lists, a ``[B, s]`` / ``[B, K, s]`` index tensor with -1 padding,
+        or a ``[B, r]`` bool mask). ``tasks``: per example, the task whose interventions act on it
+        (``None`` for none), for a model whose config assigns entries to tasks.
+        """
         # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after
         # this call has returned: `intervening` keeps the state until the next call in that case.
-        with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds")):
+        with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
+                              sources=sources, source_locations=source_locations, subspaces=subspaces, tasks=tasks):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
+    def collect(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> "Collected":
+        """Run the model and return what its ``Collect`` interventions saw: ``Collected.activations[key]``
+        is ``[B, P, W]`` (zeros at empty slots, ``Collected.valid[key]`` ``[B, P]``), plus the output."""
+        call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}
+        with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
+                              **call) as state:
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        keys = [s.key for s in self._hooks.slots if s.intervention.collects]
+        if not keys:
+            raise ValueError("this model has no Collect intervention; add one with intervention='collect'")
+        valid = {s.key: state.valid[:, s.index] for s in self._hooks.slots if s.intervention.collects}
+        return Collected(output=output, activations=dict(state.collected), valid=valid)
+
+    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> Any:
+                 intervention_locations: torch.Tensor | None = None, *, sources: Any = None,
+                 source_locations: Any = None, subspaces: Any = None, tasks: Any = None, **kwargs: Any) -> Any:
         """``model.generate`` with the interventions applied to the prompt at prefill.
 
-        Decode steps pass through: the KV cache carries the prompt's edited representations, so a
-        step costs what the bare model's does. That needs the cache, hence ``use_cache=False`` is
-        refused rather than silently losing the effect.
+        Decode steps pass through, except interventions with positions ``"all"`` (IA3, adapters...),
+        which edit each new token too: the KV cache carries the prompt's edited representations, so
+        a step costs what the bare model's does. That needs the cache, hence ``use_cache=False`` is
+        refused rather than silently losing the effect. ``sources``, ``subspaces`` and ``tasks`` are
+        as in :meth:`forward` (a task's rows keep their routing through decoding).
         """
         self._check_live()
         gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
@@ -173,7 +286,9 @@ class ReftModel(nn.Module):
                                                 and getattr(gen_config, "use_cache", True) is False):
             raise ValueError("use_cache=False: reftkit intervenes on the prompt at prefill and relies on the "
                              "KV cache to carry the effect into decoding; generate with use_cache=True")
-        state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations)
+        state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations,
+                                 sources, source_locations, subspaces, tasks)
+        every_token = any(slot.every_token for slot in self._hooks.slots)
 
         def before_step(module: nn.Module, args: Any, kwargs: dict) -> None:
             ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -181,7 +296,10 @@ class ReftModel(nn.Module):
                 state.batch = ref.shape[0]
 
         def after_prefill(module: nn.Module, args: Any, output: Any) -> None:
-            state.active = False
+            if every_token:
+                state.decoding = True
+            else:
+                state.active = False
 
         handles = [self.model.register_forward_pre_hook(before_step, with_kwargs=True),
                    self.model.register_forward_hook(after_prefill)]

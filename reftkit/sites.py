@@ -68,7 +68,9 @@ class Site:
     ``hook="input"``: forward-pre-hook, the tensor is the module's first input
     (``hidden_states``, positional or keyword).  ``hook="output"``: forward hook,
     the tensor is the output (its first element if it is a tuple).  When ``fused``
-    is set, the intervention sees ``fused.extract(output)`` only.
+    is set, the intervention sees ``fused.extract(output)`` only.  When ``heads`` is
+    set (head-level components), the tensor is viewed as ``[..., num_heads, head_dim]``
+    and the intervention sees the selected heads, each a row of width ``width`` (= head_dim).
     """
 
     layer: int | None
@@ -77,3 +79,5 @@ class Site:
     hook: Literal["input", "output"]
     width: int
     fused: FusedSlice | None = None
+    heads: tuple[int, ...] | None = None
+    num_heads: int | None = None

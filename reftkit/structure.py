@@ -16,13 +16,18 @@ from torch import Tensor, nn
 
 from .sites import FusedSlice, Site, StructureError
 
-__all__ = ["COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",
+__all__ = ["COMPONENTS", "HEAD_COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",
            "num_layers", "hidden_size", "resolve_site"]
 
 COMPONENTS: tuple[str, ...] = (
     "block_input", "block_output", "mlp_input", "mlp_activation", "mlp_output",
     "attention_input", "attention_output", "attention_value_output",
     "query_output", "key_output", "value_output",
+)
+#: head-level components: the per-head view of a q/k/v projection output or of the attention
+#: output projection's input; k/v count key-value heads (fewer under GQA/MQA), the others query heads
+HEAD_COMPONENTS: tuple[str, ...] = (
+    "head_query_output", "head_key_output", "head_value_output", "head_attention_value_output",
 )
 
 _ATTN = ("self_attn", "attn", "attention", "self_attention")
@@ -269,7 +274,29 @@ def _qkv_site(model: nn.Module, layer: int, component: str, attn_path: str,
                 FusedSlice(1, total, bounds[0], bounds[1]))
 
 
-def resolve_site(model: nn.Module, layer: int | None, component: str) -> Site:
+def _head_site(model: nn.Module, layer: int, component: str, heads: list[int] | tuple[int, ...] | None) -> Site:
+    base = resolve_site(model, layer, component[len("head_"):])
+    kv = component in ("head_key_output", "head_value_output")
+    n_query = _cfg_int(model, "num_attention_heads", "n_head", "num_heads")
+    n_heads = (_cfg_int(model, "num_key_value_heads", "multi_query_group_num") or n_query) if kv else n_query
+    if not n_heads:
+        raise _unavailable(model, component, "its config gives no num_attention_heads")
+    if base.width % n_heads:
+        raise _unavailable(model, component, f"{base.module_path} has width {base.width}, not a multiple of "
+                           f"{n_heads} heads")
+    kind = "key/value heads" if kv else "attention heads"
+    if not heads:
+        raise StructureError(f"component={component!r} needs heads=[...] (this layer has {n_heads} {kind})")
+    bad = [h for h in heads if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < n_heads]
+    if bad:
+        raise StructureError(f"heads={list(heads)!r}: head {bad[0]!r} is out of range; {component} of "
+                             f"{_arch(model)} has {n_heads} {kind} (0..{n_heads - 1})")
+    return Site(base.layer, component, base.module_path, base.hook, base.width // n_heads, base.fused,
+                tuple(heads), n_heads)
+
+
+def resolve_site(model: nn.Module, layer: int | None, component: str,
+                 heads: list[int] | tuple[int, ...] | None = None) -> Site:
     """Resolve ``(layer, component)`` to a :class:`Site`.
 
     ``layer`` may be negative (``-1`` is the last block); ``Site.layer`` is the
@@ -295,6 +322,11 @@ def resolve_site(model: nn.Module, layer: int | None, component: str) -> Site:
       ``activation_fn``, ``intermediate_act_fn``); width is the down projection's
       input size.  For gated MLPs this is ``act(gate)``, before the ``* up``.
 
+    * ``head_query_output`` / ``head_key_output`` / ``head_value_output`` /
+      ``head_attention_value_output``: the same tensors viewed per head, ``heads``
+      selecting which (GQA-aware: k/v index key-value heads, q and the attention value
+      output index query heads); the intervention's width is ``head_dim``.
+
     A component containing ``"."`` is a module path from the model root, with an
     optional ``{layer}`` placeholder and ``:input``/``:output`` suffix (default
     output), e.g. ``"model.layers.{layer}.mlp.down_proj:input"``.
@@ -303,9 +335,11 @@ def resolve_site(model: nn.Module, layer: int | None, component: str) -> Site:
         raise StructureError(f"component={component!r} must be a str")
     if "." in component:
         return _raw_site(model, layer, component)
+    if component in HEAD_COMPONENTS:
+        return _head_site(model, layer, component, heads)
     if component not in COMPONENTS:
         raise StructureError(
-            f"component={component!r} is not known; choose one of {', '.join(COMPONENTS)}, "
+            f"component={component!r} is not known; choose one of {', '.join(COMPONENTS + HEAD_COMPONENTS)}, "
             "or give a module path containing '.', e.g. 'model.layers.{layer}.mlp:input'")
     if layer is None:
         raise StructureError(f"layer=None is only allowed with a raw module path, not component={component!r}")

@@ -1,0 +1,620 @@
+"""Bottleneck adapters and AdapterFusion as interventions, with the math of ``adapters`` 1.3.
+
+* :class:`BottleneckAdapter` — Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"
+  (arXiv:1902.00751): ``h' = h + s * W_up act(W_down a + b_down) + b_up`` with ``a`` the adapter's
+  input (``h`` itself, or ``LN(h)`` — see ``original_ln_before``). adapters 1.3's ``Adapter`` in
+  ``methods/modeling.py`` with a ``BnConfig``.
+* :class:`AdapterFusion` — Pfeiffer et al. 2021, "AdapterFusion: Non-Destructive Task Composition
+  for Transfer Learning" (EACL, arXiv:2005.00247): attention over the up-projections of several
+  trained, frozen adapters. adapters 1.3's ``BertFusion`` driven by ``BottleneckLayer.compose_fuse``.
+
+Where adapters 1.3 puts them, and which reftkit site makes each one a function of one tensor
+(``x`` = a sub-layer's output, ``r`` = its residual input, ``LN`` = the block's own LayerNorm):
+
+====================  ==========================================  ===================================
+model / adapter       adapters 1.3 computes                        reftkit site and map
+====================  ==========================================  ===================================
+post-LN (BERT)        ``LN(x + f(x) + r)``, ``x`` after the        ``...attention.output.dropout`` /
+Houlsby (mh + out)    sub-layer's dense + dropout                  ``...output.dropout`` output:
+                                                                   ``x -> x + f(x)``
+post-LN (BERT)        ``LN(z + f(LN(z)))``, ``z = x + r``           ``...output.LayerNorm`` input:
+Pfeiffer (output)     (``original_ln_before=True``)                ``z -> z + f(LN(z))``
+pre-LN (Llama, GPT2)  ``r + x + f(x)``, ``x`` = attention / MLP     ``attention_output`` /
+Houlsby               output (no LayerNorm passed)                  ``mlp_output``: ``x -> x + f(x)``
+pre-LN                ``h + f(h)``, ``h = r + x`` the block output  ``block_output``: ``h -> h + f(h)``
+Pfeiffer (output)     (``original_ln_before`` adds ``r`` only)
+====================  ==========================================  ===================================
+
+``LN(z)`` inside the post-LN Pfeiffer adapter needs the base LayerNorm's weights: the adapter keeps
+a frozen float32 copy of them as buffers (saved with it), filled by :func:`pfeiffer_representations`
+or :meth:`BottleneckAdapter.set_original_layer_norm`; an adapter that needs them and never got them
+refuses to run rather than silently normalising with ``weight=1, bias=0``.
+
+Out of reach of a one-tensor site (each raises ``InterventionError`` naming the field): a pre-LN
+model's attention adapter with ``original_ln_before=True`` (its input ``r + x`` is the mid-block
+residual stream, which no hook sees as one tensor before the MLP reads it), ``residual_before_ln``
+other than True with ``original_ln_before=True``, ``adapter_residual_before_ln`` with
+``original_ln_before=True``, AdapterFusion's ``residual_before`` or ``query_before_ln`` with
+``original_ln_before=True`` (all of them need ``x`` and ``r`` separately), ``use_gating``
+(its gate averages over the whole sequence), PHM layers and parallel adapters.
+
+Weights are float32; the edit is computed in float32 and cast back to ``h``'s dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+
+from .base import Intervention, InterventionError
+
+_INITS = ("bert", "houlsby", "mam_adapter")
+
+
+def _adapter_activation(owner: str, name: Any) -> nn.Module:
+    """adapters' ``Activation_Function_Class``: transformers' activation by lower-cased name, plus
+    ``leakyrelu`` (``F.leaky_relu``, slope 0.01)."""
+    if not isinstance(name, str):
+        raise InterventionError(f"{owner}: non_linearity={name!r} must be a string such as 'swish' or 'relu'")
+    key = name.lower()
+    if key == "leakyrelu":
+        return nn.LeakyReLU()
+    if key not in ACT2FN:
+        raise InterventionError(f"{owner}: non_linearity={name!r} is not a known activation; choose one of "
+                                f"{sorted(ACT2FN) + ['leakyrelu']}")
+    return ACT2FN[key]
+
+
+def _check_bool(owner: str, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InterventionError(f"{owner}: {field}={value!r} must be True or False")
+    return value
+
+
+def _check_dropout(owner: str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise InterventionError(f"{owner}: {field}={value!r} must be a number in [0, 1)")
+    return float(value)
+
+
+def _check_eps(owner: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
+        raise InterventionError(f"{owner}: original_ln_eps={value!r} must be a positive number")
+    return float(value)
+
+
+def _bert_init(module: nn.Module) -> None:
+    """adapters' ``Adapter.init_bert_weights``: Linear weights ~ N(0, 0.02), biases 0, LayerNorm 1/0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class _OriginalNorm(Intervention):
+    """Shared handling of ``original_ln_before``: a frozen copy of the base model's LayerNorm.
+
+    Buffers ``original_ln_weight``, ``original_ln_bias`` (float32) and ``original_ln_set`` (1 once
+    they hold the base LayerNorm's values) are saved with the intervention, so a reload needs no
+    access to the base module. ``original_ln_eps`` is a hyper-parameter.
+    """
+
+    def _build_original_norm(self, embed_dim: int) -> None:
+        self._norm_ready = False
+        if not self.hparams["original_ln_before"]:
+            return
+        self.register_buffer("original_ln_weight", torch.ones(embed_dim))
+        self.register_buffer("original_ln_bias", torch.zeros(embed_dim))
+        self.register_buffer("original_ln_set", torch.zeros(()))
+        self.register_load_state_dict_post_hook(_OriginalNorm._after_load)
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        module._norm_ready = bool(module.original_ln_set)
+
+    @torch.no_grad()
+    def set_original_layer_norm(self, layer_norm: nn.Module) -> "_OriginalNorm":
+        """Copy the base model's LayerNorm (``weight``, ``bias``, ``eps``) that ``original_ln_before``
+        applies before the adapter; the copy is frozen and saved with the intervention."""
+        owner = type(self).__name__
+        if not self.hparams["original_ln_before"]:
+            raise InterventionError(f"{owner}: original_ln_before=False, so there is no layer norm to set")
+        weight = getattr(layer_norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            raise InterventionError(f"{owner}: layer_norm={type(layer_norm).__name__} has no 1-d weight to copy")
+        if self.embed_dim is None:
+            self.materialize(weight.shape[0])
+        if weight.shape[0] != self.embed_dim:
+            raise InterventionError(f"{owner}: layer_norm has width {weight.shape[0]}, the intervention has "
+                                    f"width {self.embed_dim}")
+        eps = getattr(layer_norm, "eps", None)
+        if eps is not None and not math.isclose(float(eps), self.hparams["original_ln_eps"], rel_tol=1e-9):
+            raise InterventionError(f"{owner}: original_ln_eps={self.hparams['original_ln_eps']!r} differs from "
+                                    f"the layer norm's eps={eps!r}")
+        bias = getattr(layer_norm, "bias", None)
+        self.original_ln_weight.copy_(weight.detach().float())
+        self.original_ln_bias.copy_(bias.detach().float() if isinstance(bias, torch.Tensor)
+                                    else torch.zeros_like(self.original_ln_bias))
+        self.original_ln_set.fill_(1.0)
+        self._norm_ready = True
+        return self
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``LN(x)`` with the copied base LayerNorm when ``original_ln_before``, else ``x``."""
+        if not self.hparams["original_ln_before"]:
+            return x
+        if not self._norm_ready:
+            raise InterventionError(
+                f"{type(self).__name__}: original_ln_before=True but the base model's LayerNorm was never "
+                "copied in; build it with pfeiffer_representations(model) or call set_original_layer_norm()")
+        return F.layer_norm(x, (x.shape[-1],), self.original_ln_weight.float(), self.original_ln_bias.float(),
+                            self.hparams["original_ln_eps"])
+
+
+class BottleneckAdapter(_OriginalNorm):
+    """``BottleneckAdapter(h) = h + dropout(s * (W_up act(W_down a + b_down) + b_up))``.
+
+    Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", fig. 2; the configurable
+    ``Adapter`` of ``adapters`` 1.3 (``methods/modeling.py``, ``BnConfig``). ``a`` is the adapter
+    input: ``h``, or ``LN(h)`` with the base model's LayerNorm when ``original_ln_before`` (used at a
+    post-LN model's LayerNorm input, where it gives adapters' ``LN(z + f(LN(z)))``), then the
+    adapter's own ``LayerNorm`` when ``ln_before``. The bottleneck width is
+    ``max(1, int(d // reduction_factor))`` unless ``bottleneck_dim`` is given. ``scaling`` is a float,
+    ``"learned"`` (one scalar, init 1) or ``"channel"`` (a ``d``-vector, init 1), as in He et al. 2021.
+    With ``ln_after`` a new LayerNorm ``N`` is applied: ``h + N(edit)``, or ``N(h + edit)`` when
+    ``adapter_residual_before_ln``. ``init_weights`` follows adapters (``"bert"``: N(0, 0.02) and
+    zero biases; ``"houlsby"``: truncated N(0, 0.01); ``"mam_adapter"``: zero up-projection).
+    The Houlsby and Pfeiffer placements are :func:`houlsby_representations` and
+    :func:`pfeiffer_representations`.
+    """
+
+    name = "bottleneck_adapter"
+
+    def __init__(self, embed_dim: int | None = None, reduction_factor: float = 16, bottleneck_dim: int | None = None,
+                 non_linearity: str = "swish", scaling: float | str = 1.0, dropout: float = 0.0,
+                 ln_before: bool = False, ln_after: bool = False, adapter_residual_before_ln: bool = False,
+                 original_ln_before: bool = False, original_ln_eps: float = 1e-12,
+                 init_weights: str = "bert") -> None:
+        owner = type(self).__name__
+        if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
+                or not reduction_factor > 0:
+            raise InterventionError(f"{owner}: reduction_factor={reduction_factor!r} must be a positive number")
+        if bottleneck_dim is not None and (isinstance(bottleneck_dim, bool) or not isinstance(bottleneck_dim, int)
+                                           or bottleneck_dim <= 0):
+            raise InterventionError(f"{owner}: bottleneck_dim={bottleneck_dim!r} must be None or a positive int")
+        _adapter_activation(owner, non_linearity)
+        if isinstance(scaling, bool) or not (isinstance(scaling, (int, float)) or scaling in ("learned", "channel")):
+            raise InterventionError(f"{owner}: scaling={scaling!r} must be a number, 'learned' or 'channel'")
+        dropout = _check_dropout(owner, "dropout", dropout)
+        for field, value in (("ln_before", ln_before), ("ln_after", ln_after),
+                             ("adapter_residual_before_ln", adapter_residual_before_ln),
+                             ("original_ln_before", original_ln_before)):
+            _check_bool(owner, field, value)
+        if adapter_residual_before_ln and original_ln_before and ln_after:
+            raise InterventionError(
+                f"{owner}: adapter_residual_before_ln=True with original_ln_before=True and ln_after=True adds the "
+                "sub-layer output before the base LayerNorm's residual, which a one-tensor site cannot see")
+        original_ln_eps = _check_eps(owner, original_ln_eps)
+        if init_weights not in _INITS:
+            raise InterventionError(f"{owner}: init_weights={init_weights!r} must be one of {list(_INITS)}")
+        Intervention.__init__(
+            self, embed_dim, reduction_factor=reduction_factor, bottleneck_dim=bottleneck_dim,
+            non_linearity=non_linearity, scaling=float(scaling) if not isinstance(scaling, str) else scaling,
+            dropout=dropout, ln_before=ln_before, ln_after=ln_after,
+            adapter_residual_before_ln=adapter_residual_before_ln, original_ln_before=original_ln_before,
+            original_ln_eps=original_ln_eps, init_weights=init_weights)
+
+    def bottleneck_width(self, embed_dim: int) -> int:
+        size = self.hparams["bottleneck_dim"]
+        return size if size is not None else max(1, int(embed_dim // self.hparams["reduction_factor"]))
+
+    def build(self, embed_dim: int) -> None:
+        m, hp = self.bottleneck_width(embed_dim), self.hparams
+        self.norm_before = nn.LayerNorm(embed_dim) if hp["ln_before"] else None
+        self.down = nn.Linear(embed_dim, m)
+        self.act = _adapter_activation(type(self).__name__, hp["non_linearity"])
+        self.up = nn.Linear(m, embed_dim)
+        scaling = hp["scaling"]
+        if scaling == "learned":
+            self.scale = nn.Parameter(torch.ones(1))
+        elif scaling == "channel":
+            self.scale = nn.Parameter(torch.ones(embed_dim))
+        self.norm_after = nn.LayerNorm(embed_dim) if hp["ln_after"] else None
+        self.dropout = nn.Dropout(hp["dropout"])
+        self._build_original_norm(embed_dim)
+        self._init_weights(hp["init_weights"])
+
+    @torch.no_grad()
+    def _init_weights(self, how: str) -> None:
+        if how == "bert":
+            self.apply(_bert_init)
+        elif how == "mam_adapter":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        else:  # houlsby
+            for lin in (self.down, self.up):
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.zeros_(lin.bias)
+
+    def up_projection(self, a: torch.Tensor) -> torch.Tensor:
+        """``s * (W_up act(W_down a' + b_down) + b_up)`` with ``a' = ln_before(a)`` — adapters' ``up``,
+        which is also what AdapterFusion attends over (before dropout and ``ln_after``)."""
+        if self.norm_before is not None:
+            a = self.norm_before(a)
+        up = self.up(self.act(self.down(a)))
+        scaling = self.hparams["scaling"]
+        return up * (self.scale if isinstance(scaling, str) else scaling)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()
+        edit = self.dropout(self.up_projection(self._adapter_input(x)))
+        if self.norm_after is not None:
+            if self.hparams["adapter_residual_before_ln"]:
+                return self.norm_after(x + edit).to(h.dtype)
+            edit = self.norm_after(edit)
+        return (x + edit).to(h.dtype)
+
+
+_FUSION_CHILD_DROP = ("original_ln_before", "original_ln_eps")
+
+
+class AdapterFusion(_OriginalNorm):
+    """``AdapterFusion(h) = h + sum_i softmax_i(q . k_i / T) v_i`` over ``N`` frozen adapters.
+
+    Pfeiffer et al. 2021, "AdapterFusion: Non-Destructive Task Composition for Transfer Learning",
+    eq. (1)-(3); adapters 1.3's ``BertFusion`` as ``BottleneckLayer.compose_fuse`` calls it. With ``a``
+    the adapter input (``h``, or ``LN(h)`` when ``original_ln_before``, exactly as in
+    :class:`BottleneckAdapter`) and ``u_i`` adapter ``i``'s scaled up-projection of ``a``
+    (:meth:`BottleneckAdapter.up_projection`; its dropout and ``ln_after`` do not enter):
+
+    * ``q = W_Q a + b_Q`` (identity when ``query=False``), ``k_i = W_K u_i + b_K`` (``key``),
+      ``v_i = W_V u_i`` (``value``, no bias; applied after the weighted sum instead when
+      ``value_before_softmax=False``);
+    * scores ``q . k_i`` (no ``1/sqrt(d)``), dropout on the scores, softmax over adapters at
+      temperature ``T = temperature``;
+    * ``residual_before``: ``u_i <- u_i + h`` before keys and values and no residual added after
+      (adapters adds it in place to the tensor used for both keys and values; in the keys it only
+      shifts every score by the same ``q . W_K h`` and so cancels in the softmax); otherwise ``h + c``.
+    * ``dropout`` is on the scores (adapters: the fusion config's ``dropout_prob``, else the model's
+      ``attention_probs_dropout_prob``, which :func:`fusion_representations` reads likewise).
+
+    ``value_initialized`` starts ``W_V`` at the identity plus 1e-6 off the diagonal (adapters'
+    "dynamic" config); :meth:`regularization_loss` is adapters' ``0.01 ||I - W_V||^2``. The fused
+    adapters are frozen (``train_adapters=False``, as ``train_adapter_fusion`` leaves them).
+    Difference: adapters' ``temperature=True`` starts ``T`` at 50 and lowers it by 0.05 on every
+    forward call, even in eval; here ``T`` is a fixed number (1 = adapters' default).
+    Build one from trained adapters with :meth:`from_adapters` or :func:`fusion_representations`.
+    """
+
+    name = "adapter_fusion"
+
+    def __init__(self, embed_dim: int | None = None, adapters: Sequence[Mapping[str, Any]] = (),
+                 query: bool = True, key: bool = True, value: bool = True, value_before_softmax: bool = True,
+                 value_initialized: bool = True, residual_before: bool = False, temperature: float = 1.0,
+                 dropout: float = 0.0, original_ln_before: bool = False, original_ln_eps: float = 1e-12,
+                 train_adapters: bool = False) -> None:
+        owner = type(self).__name__
+        if isinstance(adapters, (str, bytes, Mapping)) or not isinstance(adapters, Sequence) or not adapters:
+            raise InterventionError(f"{owner}: adapters={adapters!r} must be a non-empty list of BottleneckAdapter "
+                                    "argument dicts, one per fused adapter")
+        children = []
+        for i, child in enumerate(adapters):
+            if not isinstance(child, Mapping):
+                raise InterventionError(
+                    f"{owner}: adapters[{i}]={child!r} must be a dict of BottleneckAdapter arguments")
+            child = {k: v for k, v in child.items() if k != "embed_dim"}
+            if child.get("original_ln_before", original_ln_before) != original_ln_before:
+                raise InterventionError(
+                    f"{owner}: adapters[{i}].original_ln_before={child['original_ln_before']!r} differs from the "
+                    f"fusion's original_ln_before={original_ln_before!r}; the fusion applies the base LayerNorm once "
+                    "for all adapters (adapters 1.3 uses the last adapter's setting)")
+            child = {k: v for k, v in child.items() if k not in _FUSION_CHILD_DROP}
+            try:
+                BottleneckAdapter(**child)
+            except (InterventionError, TypeError) as err:
+                raise InterventionError(f"{owner}: adapters[{i}]: {err}") from None
+            children.append(child)
+        for field, flag in (("query", query), ("key", key), ("value", value),
+                            ("value_before_softmax", value_before_softmax), ("value_initialized", value_initialized),
+                            ("residual_before", residual_before), ("original_ln_before", original_ln_before),
+                            ("train_adapters", train_adapters)):
+            _check_bool(owner, field, flag)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise InterventionError(f"{owner}: temperature={temperature!r} must be a positive number (adapters' "
+                                    "temperature=False is 1.0)")
+        if residual_before and original_ln_before:
+            raise InterventionError(
+                f"{owner}: residual_before=True with original_ln_before=True adds the sub-layer output before the "
+                "base LayerNorm's residual to the values, which a one-tensor site cannot see")
+        Intervention.__init__(
+            self, embed_dim, adapters=children, query=query, key=key, value=value,
+            value_before_softmax=value_before_softmax, value_initialized=value_initialized,
+            residual_before=residual_before, temperature=float(temperature),
+            dropout=_check_dropout(owner, "dropout", dropout), original_ln_before=original_ln_before,
+            original_ln_eps=_check_eps(owner, original_ln_eps), train_adapters=train_adapters)
+
+    def build(self, embed_dim: int) -> None:
+        hp = self.hparams
+        self.adapters = nn.ModuleList(BottleneckAdapter(embed_dim, **child) for child in hp["adapters"])
+        self.adapters.requires_grad_(hp["train_adapters"])
+        self.query = nn.Linear(embed_dim, embed_dim) if hp["query"] else None
+        self.key = nn.Linear(embed_dim, embed_dim) if hp["key"] else None
+        self.value = nn.Linear(embed_dim, embed_dim, bias=False) if hp["value"] else None
+        for lin in (self.query, self.key, self.value):
+            if lin is not None:
+                _bert_init(lin)
+        if self.value is not None and hp["value_initialized"]:
+            with torch.no_grad():
+                self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
+        self.dropout = nn.Dropout(hp["dropout"])
+        self._build_original_norm(embed_dim)
+
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[BottleneckAdapter], **fusion_kwargs: Any) -> "AdapterFusion":
+        """A fusion over copies of trained ``adapters`` (materialised, same width, same site): their
+        weights are copied and frozen; ``original_ln_before`` and the base LayerNorm copy come from the
+        last adapter, as adapters 1.3's ``compose_fuse`` takes them from the last fused adapter."""
+        owner = cls.__name__
+        if isinstance(adapters, BottleneckAdapter) or not isinstance(adapters, Sequence) or not adapters:
+            raise InterventionError(f"{owner}: adapters={adapters!r} must be a non-empty list of BottleneckAdapter")
+        for i, ad in enumerate(adapters):
+            if not isinstance(ad, BottleneckAdapter) or not ad.is_materialized:
+                raise InterventionError(f"{owner}: adapters[{i}]={type(ad).__name__} must be a materialised "
+                                        "BottleneckAdapter (one attached by a ReftModel, or built with embed_dim)")
+            if ad.embed_dim != adapters[0].embed_dim:
+                raise InterventionError(f"{owner}: adapters[{i}] has width {ad.embed_dim}, adapters[0] has "
+                                        f"{adapters[0].embed_dim}")
+        last = adapters[-1]
+        for field in ("original_ln_before", "original_ln_eps"):
+            if field in fusion_kwargs and fusion_kwargs[field] != last.hparams[field]:
+                raise InterventionError(f"{owner}: {field}={fusion_kwargs[field]!r} differs from the last adapter's "
+                                        f"{last.hparams[field]!r}")
+            fusion_kwargs[field] = last.hparams[field]
+        children = [{k: v for k, v in ad.hparams.items() if k not in _FUSION_CHILD_DROP} for ad in adapters]
+        fusion = cls(last.embed_dim, adapters=children, **fusion_kwargs)
+        with torch.no_grad():
+            for child, ad in zip(fusion.adapters, adapters):
+                state = {k: v for k, v in ad.state_dict().items() if not k.startswith("original_ln_")}
+                child.load_state_dict(state, strict=True)
+            if last.hparams["original_ln_before"]:
+                if not last._norm_ready:
+                    raise InterventionError(f"{owner}: the last adapter has original_ln_before=True but no base "
+                                            "LayerNorm copy; call its set_original_layer_norm() first")
+                for name in ("original_ln_weight", "original_ln_bias", "original_ln_set"):
+                    getattr(fusion, name).copy_(getattr(last, name))
+                fusion._norm_ready = True
+        return fusion
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """The fusion weights over the adapters, ``[..., N]`` (float32)."""
+        return self._fuse(h.float())[1]
+
+    def _fuse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.hparams
+        a = self._adapter_input(x)
+        u = torch.stack([ad.up_projection(a) for ad in self.adapters], dim=-2)            # [..., N, d]
+        if hp["residual_before"]:
+            u = u + x.unsqueeze(-2)
+        q = self.query(a) if self.query is not None else a
+        k = self.key(u) if self.key is not None else u
+        v = self.value(u) if self.value is not None and hp["value_before_softmax"] else u
+        scores = (k @ q.unsqueeze(-1)).squeeze(-1)                                         # [..., N]
+        probs = torch.softmax(self.dropout(scores) / hp["temperature"], dim=-1)
+        c = (probs.unsqueeze(-2) @ v).squeeze(-2)
+        if self.value is not None and not hp["value_before_softmax"]:
+            c = self.value(c)
+        return (c if hp["residual_before"] else x + c), probs
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._fuse(h.float())[0].to(h.dtype)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def regularization_loss(self) -> torch.Tensor:
+        """adapters' ``get_fusion_regularization_loss`` term: ``0.01 * ||I - W_V||_F^2`` (0 without a
+        trainable value matrix)."""
+        if self.value is None or not self.value.weight.requires_grad:
+            return torch.zeros((), device=self._device())
+        eye = torch.eye(self.value.weight.shape[0], device=self.value.weight.device)
+        return 0.01 * (eye - self.value.weight).pow(2).sum()
+
+
+# ----------------------------------------------------------------------------- placements
+
+_LOCATIONS = {"mh_adapter": "attention_output", "output_adapter": "mlp_output"}
+
+
+def _layer_list(model: nn.Module, layers: Any) -> list[int]:
+    from reftkit.structure import num_layers
+
+    n = num_layers(model)
+    if layers == "all":
+        return list(range(n))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise InterventionError(f"layers={layers!r} must be 'all', an int or a non-empty list of ints")
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise InterventionError(f"layers={list(layers)!r}: layer {i} is out of range (the model has {n} layers)")
+        out.append(i % n)
+    return out
+
+
+# Post-LN models whose LayerNorms sit on the block itself rather than in a BertOutput-like holder:
+# the pre-LN reading of their structure would put adapters in the wrong place, so they are refused.
+_UNVERIFIED_POST_LN = frozenset({"albert", "bart", "distilbert", "flaubert", "fsmt", "marian", "mbart", "plbart",
+                                 "xlm"})
+
+
+def _post_ln_sublayer(model: nn.Module, layer: int, component: str) -> dict[str, Any] | None:
+    """For a post-LN encoder (BERT family), where adapters 1.3 hooks: the module that holds the
+    sub-layer's projection, dropout and ``LayerNorm(x + r)`` (``BertSelfOutput`` / ``BertOutput``).
+    None for a pre-LN block, whose sub-layer output is added to the residual stream unnormalised."""
+    from reftkit.structure import find_layers, resolve_site
+
+    site = resolve_site(model, layer, component)
+    layers_path, _ = find_layers(model)
+    block = f"{layers_path}.{site.layer}"
+    parent = site.module_path.rpartition(".")[0]
+    if site.hook != "output" or not parent.startswith(block + "."):
+        return None
+    holder = model.get_submodule(parent)
+    norm = next((n for n, m in holder.named_children() if isinstance(m, nn.LayerNorm)), None)
+    if norm is None:
+        return None
+    drop = next((n for n, m in holder.named_children() if isinstance(m, nn.Dropout)), None)
+    template = f"{layers_path}.{{layer}}{parent[len(block):]}"
+    return {"template": template, "parent": parent, "norm": norm, "dropout": drop, "site": site}
+
+
+def bottleneck_representations(model: nn.Module, *, mh_adapter: bool, output_adapter: bool,
+                               original_ln_before: bool = False, layers: Any = "all", positions: str = "all",
+                               **adapter_kwargs: Any) -> list[dict[str, Any]]:
+    """Representation entries placing :class:`BottleneckAdapter` where ``adapters`` 1.3 places a
+    ``BnConfig`` adapter with these ``mh_adapter`` / ``output_adapter`` / ``original_ln_before``
+    flags (see the module docstring's table); ``layers`` plays the role of adapters' ``leave_out``.
+    ``adapter_kwargs`` go to :class:`BottleneckAdapter` (``reduction_factor``, ``non_linearity``, ...).
+    """
+    if not mh_adapter and not output_adapter:
+        raise InterventionError("mh_adapter=False and output_adapter=False place no adapter; set one to True")
+    _check_bool("bottleneck_representations", "original_ln_before", original_ln_before)
+    for field in ("original_ln_before", "original_ln_eps"):
+        if field in adapter_kwargs:
+            raise InterventionError(f"{field}={adapter_kwargs[field]!r}: pass original_ln_before as its own argument; "
+                                    "the layer norm (and its eps) is read from the model")
+    try:  # check the arguments before touching the model
+        BottleneckAdapter(**adapter_kwargs)
+    except TypeError as err:
+        raise InterventionError(f"BottleneckAdapter: {err}") from None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _UNVERIFIED_POST_LN:
+        raise InterventionError(
+            f"model_type={model_type!r}: a post-LN model with block-level LayerNorms, for which reftkit has no "
+            "verified adapters placement; write the representation entries yourself (see the module docstring)")
+    chosen = _layer_list(model, layers)
+    entries: list[dict[str, Any]] = []
+    for location, on in (("mh_adapter", mh_adapter), ("output_adapter", output_adapter)):
+        if not on:
+            continue
+        component = _LOCATIONS[location]
+        post = _post_ln_sublayer(model, chosen[0], component)
+        common = {"positions": positions}
+        if post is None and not original_ln_before:
+            entries.append({"layer": chosen, "component": component, "intervention": "bottleneck_adapter",
+                            **common, **adapter_kwargs})
+        elif post is None:  # pre-LN: adapters adds only the residual, r + x, before the adapter
+            if location == "mh_adapter":
+                raise InterventionError(
+                    "mh_adapter=True with original_ln_before=True on a pre-LN model: adapters 1.3 feeds the adapter "
+                    "the mid-block residual stream r + attention(x), which no single hook site carries; a core "
+                    "site for the residual stream between attention and MLP is needed")
+            entries.append({"layer": chosen, "component": "block_output", "intervention": "bottleneck_adapter",
+                            **common, **adapter_kwargs})
+        elif not original_ln_before:  # post-LN: after the sub-layer's dropout, before LN(x + r)
+            where = f"{post['template']}.{post['dropout']}:output" if post["dropout"] else component
+            entries.append({"layer": chosen, "component": where, "intervention": "bottleneck_adapter",
+                            **common, **adapter_kwargs})
+        else:  # post-LN, LN before the adapter: at the LayerNorm's input z = x + r, with a copy of it
+            for layer in chosen:
+                info = _post_ln_sublayer(model, layer, component)
+                norm = model.get_submodule(f"{info['parent']}.{info['norm']}")
+                adapter = BottleneckAdapter(original_ln_before=True, original_ln_eps=float(norm.eps), **adapter_kwargs)
+                if norm.weight.device.type != "meta":  # a meta model only counts parameters
+                    adapter.set_original_layer_norm(norm)
+                entries.append({"layer": layer, "component": f"{info['template']}.{info['norm']}:input",
+                                "intervention": adapter, **common})
+    return entries
+
+
+def _fixed_by_placement(owner: str, kwargs: dict[str, Any]) -> None:
+    for field in ("mh_adapter", "output_adapter", "original_ln_before"):
+        if field in kwargs:
+            raise InterventionError(f"{owner}: {field}={kwargs[field]!r} is fixed by this placement; use "
+                                    "bottleneck_representations() to choose it")
+
+
+def houlsby_representations(model: nn.Module, reduction_factor: float = 16, non_linearity: str = "swish",
+                            layers: Any = "all", positions: str = "all",
+                            **adapter_kwargs: Any) -> list[dict[str, Any]]:
+    """Houlsby et al. 2019 placement (adapters' ``DoubleSeqBnConfig`` / ``"houlsby"``): one adapter after
+    the attention and one after the MLP of every chosen layer, ``x -> x + f(x)`` on the sub-layer
+    output before it meets the residual (and, in post-LN models, the LayerNorm)."""
+    _fixed_by_placement("houlsby_representations", adapter_kwargs)
+    return bottleneck_representations(model, mh_adapter=True, output_adapter=True, original_ln_before=False,
+                                      layers=layers, positions=positions, reduction_factor=reduction_factor,
+                                      non_linearity=non_linearity, **adapter_kwargs)
+
+
+def pfeiffer_representations(model: nn.Module, reduction_factor: float = 16, non_linearity: str = "relu",
+                             layers: Any = "all", positions: str = "all",
+                             **adapter_kwargs: Any) -> list[dict[str, Any]]:
+    """Pfeiffer et al. 2021 placement (adapters' ``SeqBnConfig`` / ``"pfeiffer"``): one adapter after the
+    MLP, fed the output after the residual (and the base LayerNorm in post-LN models):
+    ``z -> z + f(LN(z))`` at a post-LN model's LayerNorm input, ``h -> h + f(h)`` at a pre-LN model's
+    block output."""
+    _fixed_by_placement("pfeiffer_representations", adapter_kwargs)
+    return bottleneck_representations(model, mh_adapter=False, output_adapter=True, original_ln_before=True,
+                                      layers=layers, positions=positions, reduction_factor=reduction_factor,
+                                      non_linearity=non_linearity, **adapter_kwargs)
+
+
+def fusion_representations(reft_models: Sequence[Any], positions: str = "all",
+                           **fusion_kwargs: Any) -> list[dict[str, Any]]:
+    """Entries that put one :class:`AdapterFusion` at every site where the given ``ReftModel``s (same
+    base model, same adapter placements, e.g. each trained on one task) hold a ``BottleneckAdapter``.
+    The adapters are copied and frozen; build the fusion model with
+    ``get_reft_model(model, fusion_representations([reft_a, reft_b], ...))`` after detaching them."""
+    if not isinstance(reft_models, Sequence) or not reft_models:
+        raise InterventionError(f"reft_models={reft_models!r} must be a non-empty list of ReftModel")
+    slot_lists = []
+    for i, reft in enumerate(reft_models):
+        hooks = getattr(reft, "_hooks", None)
+        if hooks is None:
+            raise InterventionError(f"reft_models[{i}]={type(reft).__name__} is not a ReftModel")
+        slot_lists.append(hooks.slots)
+    first = slot_lists[0]
+    for i, slots in enumerate(slot_lists):
+        where = [(s.site.module_path, s.site.hook) for s in slots]
+        if where != [(s.site.module_path, s.site.hook) for s in first]:
+            raise InterventionError(f"reft_models[{i}] places its interventions at {where}, reft_models[0] at "
+                                    f"{[(s.site.module_path, s.site.hook) for s in first]}; fused adapters must "
+                                    "share their sites")
+    if "dropout" not in fusion_kwargs:  # adapters: fusion dropout_prob or the model's attention dropout
+        config = getattr(getattr(reft_models[0], "model", None), "config", None)
+        fusion_kwargs["dropout"] = float(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
+    entries = []
+    for j, slot in enumerate(first):
+        adapters = [slots[j].intervention for slots in slot_lists]
+        for i, ad in enumerate(adapters):
+            if not isinstance(ad, BottleneckAdapter):
+                raise InterventionError(f"reft_models[{i}].interventions[{slot.key!r}] is a {type(ad).__name__}, "
+                                        "not a BottleneckAdapter")
+        fusion = AdapterFusion.from_adapters(adapters, **dict(fusion_kwargs))
+        entries.append({"layer": slot.site.layer, "component": slot.site.component, "positions": positions,
+                        "intervention": fusion})
+    return entries
+
+
+def fusion_regularization_loss(reft: Any) -> torch.Tensor:
+    """The sum of :meth:`AdapterFusion.regularization_loss` over ``reft.interventions`` (adapters'
+    ``get_fusion_regularization_loss``, which its trainer adds to the loss for "dynamic" fusion)."""
+    terms = [iv.regularization_loss() for iv in reft.interventions.values() if isinstance(iv, AdapterFusion)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+FAMILY: tuple[type[Intervention], ...] = (BottleneckAdapter, AdapterFusion)
+# adapters 1.3's class names
+ALIASES: dict[str, type[Intervention]] = {"Adapter": BottleneckAdapter, "BertFusion": AdapterFusion}

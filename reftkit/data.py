@@ -3,7 +3,13 @@ with dynamic padding.
 
 Positions are resolved over the *prompt* of each example when the dataset is built and stored
 with it (``[K, P]`` per example, -1 = empty), so the response appended after the prompt never
-moves them; the collator only shifts them by the padding it adds on the left.
+moves them; the collator only shifts them by the padding it adds on the left. The exception is
+``all``: an every-position intervention (IA3, adapters) acts on every token of the example,
+prompt and response, as those methods do.
+
+Mixed-task data: give ``tasks`` (one task name, or None, per example) and a ReftModel whose
+config assigns entries to tasks; the collator then adds ``tasks`` (``[B]`` indices into
+``model.task_names``, -1 = none) and one batch can train every task at once.
 
 **Which token is "last"?** reftkit intervenes at the last prompt token, index ``prompt_len - 1``:
 the position whose state produces the first response token. This is what the ReFT paper's code
@@ -26,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .positions import PositionSpec, locate_all, parse_positions, split_untied
+from .positions import PositionSpec, locate_all, parse_positions, split_untied, stack_locations
 
 IGNORE_INDEX = -100
 
@@ -91,7 +97,10 @@ class ReftDataCollator:
             shift[row] = width - n if left else 0
         locations = _stack_padded([torch.as_tensor(f["locations"]) for f in features])
         locations = torch.where(locations >= 0, locations + shift[:, None, None], -1)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "intervention_locations": locations}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "intervention_locations": locations}
+        if "task" in features[0]:
+            batch["tasks"] = torch.tensor([f["task"] for f in features], dtype=torch.long)
+        return batch
 
 
 def _stack_padded(per_example: list[torch.Tensor]) -> torch.Tensor:
@@ -167,43 +176,77 @@ def tokenize_pairs(tokenizer: Any, inputs: Sequence[str], outputs: Sequence[str]
     return pairs
 
 
+def _example_locations(specs: list[PositionSpec], prompt_lengths: torch.Tensor,
+                       full_lengths: torch.Tensor) -> torch.Tensor:
+    """``[N, K, P]``: each spec over the prompt, except ``all`` over the whole example."""
+    zeros = torch.zeros_like(prompt_lengths)
+    located = locate_all(specs, zeros, prompt_lengths, int(prompt_lengths.max()))
+    if not any(spec.every for spec in specs):
+        return located
+    whole = locate_all([PositionSpec(every=True)], zeros, full_lengths, int(full_lengths.max()))[:, 0]
+    return stack_locations([whole if spec.every else located[:, k] for k, spec in enumerate(specs)])
+
+
+def _task_ids(model: Any, tasks: Sequence[str | None] | None, count: int) -> list[int] | None:
+    if tasks is None:
+        return None
+    from .model import ReftModel
+
+    if not isinstance(model, ReftModel) or not model.task_names:
+        raise DataError("tasks were given, but model is not a ReftModel whose config assigns entries to tasks")
+    if len(tasks) != count:
+        raise DataError(f"tasks has {len(tasks)} entries, inputs has {count}; they must match")
+    ids = []
+    for i, task in enumerate(tasks):
+        if task is not None and task not in model.task_names:
+            raise DataError(f"tasks[{i}]={task!r} is not a task of the model; its tasks are {model.task_names}")
+        ids.append(-1 if task is None else model.task_names.index(task))
+    return ids
+
+
 def _supervised(tokenizer: Any, model: Any, inputs: Sequence[str], outputs: Sequence[str],
-                specs: list[PositionSpec], chat_template: bool, max_length: int | None) -> ReftDataset:
+                specs: list[PositionSpec], chat_template: bool, max_length: int | None,
+                tasks: Sequence[str | None] | None = None) -> ReftDataset:
     pairs = tokenize_pairs(tokenizer, inputs, outputs, chat_template=chat_template,
                            max_length=_context_limit(tokenizer, model, max_length))
     lengths = torch.tensor([len(p) for p, _ in pairs])
-    locations = locate_all(specs, torch.zeros_like(lengths), lengths, int(lengths.max()))  # [N, K, P]
-    return ReftDataset([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r,
-                         "locations": locations[i].tolist()} for i, (p, r) in enumerate(pairs)])
+    locations = _example_locations(specs, lengths, torch.tensor([len(p) + len(r) for p, r in pairs]))
+    task_ids = _task_ids(model, tasks, len(pairs))
+    return ReftDataset([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r, "locations": locations[i].tolist(),
+                         **({"task": task_ids[i]} if task_ids is not None else {})}
+                        for i, (p, r) in enumerate(pairs)])
 
 
 def make_last_position_supervised_data_module(
         tokenizer: Any, model: Any, inputs: Sequence[str], outputs: Sequence[str], *,
         num_interventions: int | None = None, chat_template: bool = False, max_length: int | None = None,
-        eval_inputs: Sequence[str] | None = None, eval_outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        eval_inputs: Sequence[str] | None = None, eval_outputs: Sequence[str] | None = None,
+        tasks: Sequence[str | None] | None = None, eval_tasks: Sequence[str | None] | None = None) -> dict[str, Any]:
     """pyreft's module: intervene at the last prompt token (every intervention), loss on the
     response only. ``model`` may be a ReftModel (its intervention count is used) or the base model
     with ``num_interventions``. Returns ``dict(train_dataset, eval_dataset, data_collator)``."""
     return make_multiple_position_supervised_data_module(
         tokenizer, model, inputs, outputs, positions="l1", num_interventions=num_interventions,
-        chat_template=chat_template, max_length=max_length, eval_inputs=eval_inputs, eval_outputs=eval_outputs)
+        chat_template=chat_template, max_length=max_length, eval_inputs=eval_inputs, eval_outputs=eval_outputs,
+        tasks=tasks, eval_tasks=eval_tasks)
 
 
 def make_multiple_position_supervised_data_module(
         tokenizer: Any, model: Any, inputs: Sequence[str], outputs: Sequence[str], *,
         positions: str | None = "f1+l1", num_interventions: int | None = None, share_weights: bool = True,
         chat_template: bool = False, max_length: int | None = None, eval_inputs: Sequence[str] | None = None,
-        eval_outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        eval_outputs: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
+        eval_tasks: Sequence[str | None] | None = None) -> dict[str, Any]:
     """Positions such as ``f7+l7`` over each prompt; ``positions=None`` takes each intervention's
     positions from the ReftModel's config (the natural choice). ``share_weights=False`` without a
     ReftModel gives pyreft's untied layout: the first half of the interventions get the first
     positions, the second half the last ones."""
     specs = _specs_for(model, positions, num_interventions, share_weights)
-    train = _supervised(tokenizer, model, inputs, outputs, specs, chat_template, max_length)
+    train = _supervised(tokenizer, model, inputs, outputs, specs, chat_template, max_length, tasks)
     evaluation = None
     if eval_inputs is not None:
         evaluation = _supervised(tokenizer, model, eval_inputs, eval_outputs or [], specs, chat_template,
-                                 max_length)
+                                 max_length, eval_tasks)
     return {"train_dataset": train, "eval_dataset": evaluation, "data_collator": ReftDataCollator(tokenizer)}
 
 

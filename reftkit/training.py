@@ -8,6 +8,8 @@
 * Checkpoints hold only what is trained (``reft.save_pretrained``: ``config.json`` +
   ``interventions.safetensors``, plus ``head.safetensors`` / ``head_config.json`` for a classifier)
   next to the optimizer, scheduler, RNG and trainer state that ``Trainer`` writes; resuming loads them.
+* Distributed: DDP, or FSDP2 (``fsdp=True, fsdp_config={"version": 2}`` or ``accelerate launch`` with
+  ``fsdp_version: 2``), launched by ``torchrun`` / ``accelerate launch``; see :mod:`reftkit.distributed`.
 """
 from __future__ import annotations
 
@@ -15,18 +17,23 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import save_fsdp_optimizer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.utils import logging
 
+from .distributed import check_fsdp_plugin, full_parameters, loading_into_shards
+from .call_inputs import CALL_INPUTS
 from .model import ReftModel
 from .serialization import CONFIG_NAME, LoadError, check_and_load, read_config, read_weights
 
@@ -91,7 +98,8 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
     if labels is None:
         raise ValueError("causal_lm_loss needs labels ([batch, seq], -100 where unsupervised)")
     parts = find_backbone_and_head(reft)
-    with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds")):
+    call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}  # e.g. a mixed-task batch's "tasks"
+    with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"), **call):
         if parts is None:
             # Fallback: the model exposes no (backbone, head) pair we can trust to match its own
             # forward, so run it whole; it computes logits for every position (correct, costlier).
@@ -119,7 +127,9 @@ def _forward_replaced(module: nn.Module, forward: Any) -> Iterator[None]:
     """Let ``module(...)`` run ``forward`` for the duration of the block.
 
     A DDP wrapper reduces gradients only for graphs built through its own ``forward`` (which arms
-    the reducer); routing the label-only loss through ``wrapper(**inputs)`` keeps DDP correct.
+    the reducer), and FSDP2 gathers the root's parameters (the interventions among them) in the
+    forward pre-hook of ``module(...)``: routing the label-only loss through ``model(**inputs)`` keeps
+    both correct.
     """
     had = "forward" in vars(module)
     saved = vars(module).get("forward")  # e.g. accelerate's autocast wrapper
@@ -166,7 +176,9 @@ class ReftForSequenceClassification(nn.Module):
                 intervention_locations: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
         hf = self.reft.model
         backbone = hf.get_decoder() if hasattr(hf, "get_decoder") else getattr(hf, "base_model", hf)
-        with self.reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds")):
+        call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}
+        with self.reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
+                                   **call):
             if backbone is hf and hasattr(hf, "get_output_embeddings") and hf.get_output_embeddings() is not None:
                 # no separate backbone: ask the full model for its last hidden state
                 return hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
@@ -262,7 +274,10 @@ class ReftTrainer(Trainer):
       graph of every step, and the default for non-``PreTrainedModel`` models (True) costs a traversal.
     * The optimizer gets exactly the trainable parameters: ``Trainer`` keeps ``requires_grad`` ones,
       and the base model is frozen by ``get_reft_model``.
-    * Checkpoints hold only the interventions (and head); the base model is never written.
+    * Checkpoints hold only the interventions (and head); the base model is never written. Under FSDP2
+      every rank gathers just those tensors for the writer (rank 0), never the sharded base.
+    * Refused: DeepSpeed, ``nn.DataParallel``, FSDP1 and FSDP's own activation checkpointing
+      (:func:`reftkit.distributed.check_fsdp_plugin` says why).
     """
 
     def __init__(self, model: ReftModel | ReftForSequenceClassification,
@@ -279,10 +294,23 @@ class ReftTrainer(Trainer):
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
-            raise ValueError("ReftTrainer supports one device or DDP (torchrun); not DeepSpeed, FSDP or "
-                             "nn.DataParallel: the trainable state is a few small tensors")
+        if self.is_deepspeed_enabled:
+            raise ValueError("ReftTrainer does not support DeepSpeed (TrainingArguments.deepspeed / accelerate's "
+                             "DeepSpeed plugin); use DDP or FSDP2 (fsdp=True, fsdp_config={'version': 2})")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"ReftTrainer does not support nn.DataParallel (n_gpu={self.args.n_gpu} visible to one "
+                             "process); launch one process per device with torchrun or accelerate launch")
         self.is_classifier = isinstance(model, ReftForSequenceClassification)
+        base = model.reft.model if self.is_classifier else model.model
+        if self.is_fsdp_enabled:
+            check_fsdp_plugin(self.accelerator.state.fsdp_plugin, base)
+        elif self.args.fsdp:
+            # accelerate enables FSDP only on accelerator devices (not MULTI_CPU): say so rather than
+            # letting a requested FSDP run silently as DDP.
+            mode = getattr(self.accelerator.distributed_type, "value", self.accelerator.distributed_type)
+            logger.warning(f"ReftTrainer: fsdp is set, but accelerate enables FSDP only on accelerator devices (CUDA, "
+                           f"XPU, ...) and runs {mode} on {self.args.device.type} here: the base model is replicated "
+                           "on every process")
         # Our compute_loss honours num_items_in_batch, so let Trainer count it ...
         self.model_accepts_loss_kwargs = True
         # ... over the shifted labels for the LM (Trainer infers this from `loss_type`, which a
@@ -299,7 +327,7 @@ class ReftTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """LM: :func:`causal_lm_loss`; classifier: the head's cross entropy. Both are called through
-        ``model`` (possibly the DDP wrapper) so DDP sees the forward."""
+        ``model`` (possibly the DDP wrapper, or the FSDP2 root) so DDP / FSDP see the forward."""
         inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         if self.is_classifier:
             outputs = model(**inputs)
@@ -315,12 +343,48 @@ class ReftTrainer(Trainer):
                 outputs = model(**inputs)
         loss = outputs["loss"]
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # As Trainer.compute_loss: num_items_in_batch is the global count, and DDP averages the
-            # gradients over processes, so scale back up to get sum / global count exactly.
+            # As Trainer.compute_loss: num_items_in_batch is the global count, and DDP / FSDP average
+            # the gradients over processes, so scale back up to get sum / global count exactly.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _trained_modules(self, module: ReftModel | ReftForSequenceClassification) -> list[nn.Module]:
+        return [module.reft.interventions, module.head] if self.is_classifier else [module.interventions]
+
+    def _full_trained_tensors(self, module: ReftModel | ReftForSequenceClassification,
+                              loading: bool = False) -> contextlib.AbstractContextManager:
+        """Under FSDP the trained tensors are shards outside the forward: for saving, gather them (and only
+        them, not the frozen base) for the block; for ``loading``, let full tensors load into the shards.
+        Elsewhere a no-op. Every rank must enter it."""
+        if not self.is_fsdp_enabled:
+            return contextlib.nullcontext()
+        if loading:
+            return loading_into_shards(self._trained_modules(module), root=module)
+        return full_parameters(self._trained_modules(module), root=module)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As ``Trainer.save_model``; under FSDP, all ranks gather the interventions (Trainer would gather
+        the whole model, base included, or with a sharded state dict save nothing) and the writer saves."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        with self._full_trained_tensors(self._reft_module()):
+            self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP, Trainer would also write the whole model here (``save_fsdp_model``, the frozen base
+        included); resuming needs only the optimizer, the scheduler and the interventions."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            with warnings.catch_warnings(record=True) as caught:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            reissue_pt_warnings(caught)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write only the trained tensors (``save_pretrained``), the tokenizer and the args."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -334,10 +398,11 @@ class ReftTrainer(Trainer):
 
     def _load_weights(self, folder: str, model: nn.Module | None = None) -> None:
         module = self._reft_module(model)
-        if isinstance(module, ReftForSequenceClassification):
-            module.load_weights(folder)
-        else:
-            load_interventions(module, folder)
+        with self._full_trained_tensors(module, loading=True):
+            if isinstance(module, ReftForSequenceClassification):
+                module.load_weights(folder)
+            else:
+                load_interventions(module, folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume: load the interventions (and head); Trainer then loads optimizer/scheduler/RNG."""

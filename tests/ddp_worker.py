@@ -3,16 +3,23 @@
 Run under ``torchrun --nproc_per_node=2 --standalone tests/ddp_worker.py --batch B --steps S --out F``
 (gloo on CPU): trains with per-device batch B and rank 0 writes the final intervention weights to F
 (safetensors). The test runs ``train`` in-process with batch 2B and compares. Not collected by pytest.
+With ``--fsdp`` the model is sharded with FSDP2 instead of replicated by DDP (see :func:`fsdp_on_cpu`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
+from typing import Iterator
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
@@ -20,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reftkit  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
-from reftkit.training import ReftTrainer  # noqa: E402
+from reftkit.distributed import full_parameters  # noqa: E402
+from reftkit.training import ReftForSequenceClassification, ReftTrainer  # noqa: E402
 
 REFT_CONFIG = {"layer": [0, 1], "component": "block_output", "positions": "l1", "intervention": "loreft",
                "low_rank_dimension": 4}
@@ -88,12 +96,60 @@ def training_args(output_dir: str, batch: int, steps: int, **overrides) -> Train
     return TrainingArguments(**kwargs)
 
 
-def train(output_dir: str, batch: int, steps: int, n: int = 16, **overrides) -> dict[str, torch.Tensor]:
-    reft = make_reft()
-    trainer = ReftTrainer(reft, training_args(output_dir, batch, steps, **overrides), train_dataset=LMData(n),
-                          data_collator=Collator(len(reft.interventions)))
+# FSDP2 (`fully_shard`), layers sharded per LlamaDecoderLayer: ReftTrainer takes the class from the base
+# model's `_no_split_modules` when no `transformer_layer_cls_to_wrap` is given.
+FSDP = {"fsdp": True, "fsdp_config": {"version": 2}}
+
+
+@contextlib.contextmanager
+def fsdp_on_cpu() -> Iterator[None]:
+    """Let accelerate select FSDP for CPU processes while a Trainer builds its Accelerator.
+
+    accelerate 1.x turns the FSDP plugin on only for accelerator device types (MULTI_GPU, MULTI_XPU, ...):
+    for MULTI_CPU it silently keeps DDP. torch's FSDP2 itself runs on CPU over gloo, so the test presents
+    the process group as MULTI_GPU for the one decision; the device stays the CPU and everything after
+    (fully_shard, DTensor collectives, Trainer's FSDP paths) is the real FSDP code.
+    """
+    state = PartialState()
+    saved = state.distributed_type
+    state.distributed_type = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:
+        state.distributed_type = saved
+
+
+def train(output_dir: str, batch: int, steps: int, n: int = 16, resume: str | None = None,
+          **overrides) -> dict[str, torch.Tensor]:
+    reft = make_reft(init_seed=123 if resume else 0)  # on resume the weights must come from the checkpoint
+    args = training_args(output_dir, batch, steps, **overrides)
+    with fsdp_on_cpu() if args.fsdp else contextlib.nullcontext():
+        trainer = ReftTrainer(reft, args, train_dataset=LMData(n), data_collator=Collator(len(reft.interventions)))
+    trainer.train(resume_from_checkpoint=resume)
+    if args.fsdp:  # else a silent fallback to DDP would pass every comparison
+        assert trainer.is_fsdp_enabled and isinstance(reft, FSDPModule), "the model was not sharded by FSDP2"
+        assert all(isinstance(layer, FSDPModule) for layer in reft.model.model.layers), "layers are not FSDP units"
+        assert all(isinstance(p, DTensor) for p in reft.interventions.parameters()), "interventions are not sharded"
+    with full_parameters([reft.interventions], root=reft):  # FSDP: gather the shards (a no-op otherwise)
+        return {k: v.detach().clone() for k, v in reft.interventions.state_dict().items()}
+
+
+def classifier_batch(features: list[dict]) -> dict[str, torch.Tensor]:
+    """LMData examples as a 3-class task: the class is the first token mod 3."""
+    batch = Collator(len(REFT_CONFIG["layer"]))(features)
+    batch["labels"] = batch["input_ids"][:, 0] % 3
+    return batch
+
+
+def train_classifier(output_dir: str, batch: int, steps: int, **overrides) -> None:
+    """Train a ReftForSequenceClassification and ``save_model`` it to ``output_dir``."""
+    torch.manual_seed(0)  # the head's initialisation
+    clf = ReftForSequenceClassification(make_reft(), num_labels=3)
+    args = training_args(output_dir, batch, steps, **overrides)
+    with fsdp_on_cpu() if args.fsdp else contextlib.nullcontext():
+        trainer = ReftTrainer(clf, args, train_dataset=LMData(16), data_collator=classifier_batch)
     trainer.train()
-    return {k: v.detach().clone() for k, v in reft.interventions.state_dict().items()}
+    trainer.save_model(output_dir)
 
 
 def main() -> None:
@@ -102,11 +158,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sgd", action="store_true", help="plain SGD, no clipping: gradient scale errors show")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum: gives the optimizer a state")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP; also saves checkpoints at "
+                        "steps/2 and steps in the --out folder, resumes a second run from the first and writes "
+                        "its weights next to --out (NAME.resumed.safetensors), and saves a classifier trained "
+                        "the same way to the folder classifier/")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    weights = train(os.path.dirname(args.out) or ".", args.batch, args.steps, **(SGD if args.sgd else {}))
+    folder = os.path.dirname(args.out) or "."
+    overrides = {**(SGD if args.sgd else {}), **(FSDP if args.fsdp else {})}
+    if args.momentum:
+        overrides["optim_args"] = f"momentum={args.momentum}"
+    if args.fsdp:
+        overrides.update(save_strategy="steps", save_steps=args.steps // 2)
+    weights = train(folder, args.batch, args.steps, **overrides)
+    if args.fsdp:
+        # resume from the middle: the interventions load into the shards, the optimizer state through FSDP
+        resumed = train(folder, args.batch, args.steps, resume=os.path.join(folder, f"checkpoint-{args.steps // 2}"),
+                        **{**overrides, "save_strategy": "no"})
+        train_classifier(os.path.join(folder, "classifier"), args.batch, args.steps,
+                         **{**overrides, "save_strategy": "no"})
     if int(os.environ.get("RANK", "0")) == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, args.out)
+        if args.fsdp:
+            stem, ext = os.path.splitext(args.out)
+            save_file({k: v.contiguous() for k, v in resumed.items()}, f"{stem}.resumed{ext}")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,55 @@ def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
     for b in range(0, 8, 2):
         a, c = lengths[order[b]], lengths[order[b + 1]]
         assert abs(a - c) <= 3  # each batch pairs neighbours in length
+
+
+def test_all_positions_cover_prompt_and_response():
+    tok = tiny_tokenizer()
+    reft = reftkit.get_reft_model(tiny_llama(), [
+        {"layer": 0, "positions": "l1", "low_rank_dimension": 2},
+        {"layer": 1, "component": "mlp_output", "positions": "all", "intervention": "ia3"}])
+    module = reftkit.make_multiple_position_supervised_data_module(tok, reft, PROMPTS, ANSWERS, positions=None)
+    for i, item in enumerate(module["train_dataset"]):
+        prompt_len, total = len(tok(PROMPTS[i])["input_ids"]), len(item["input_ids"])
+        last, every = item["locations"]
+        assert [p for p in last if p >= 0] == [prompt_len - 1]
+        assert [p for p in every if p >= 0] == list(range(total))  # IA3 acts on the response too
+
+
+def test_tasks_reach_the_batch_and_route_training_rows():
+    from reftkit.training import causal_lm_loss
+
+    tok = tiny_tokenizer()
+    mixed = reftkit.get_reft_model(tiny_llama(), [
+        {"layer": 1, "positions": "l1", "low_rank_dimension": 2, "task": "a"},
+        {"layer": 1, "positions": "l1", "low_rank_dimension": 2, "task": "b"}])
+    tasks = ["a", "b", "a"]
+    module = reftkit.make_last_position_supervised_data_module(tok, mixed, PROMPTS, ANSWERS, tasks=tasks)
+    batch = module["data_collator"]([module["train_dataset"][i] for i in range(3)])
+    assert batch["tasks"].tolist() == [0, 1, 0]
+    with torch.no_grad():
+        for iv in mixed.interventions.values():
+            iv.source.bias.normal_()
+    total = causal_lm_loss(mixed, **batch)["loss"]
+    # reference: the sum of each task's rows run through a model that has only that task
+    summed, count = 0.0, 0
+    for k, (t, key) in enumerate((("a", "layer1_block_output"), ("b", "layer1_block_output_2"))):
+        alone = reftkit.get_reft_model(tiny_llama(), {"layer": 1, "positions": "l1", "low_rank_dimension": 2})
+        alone.interventions["layer1_block_output"].load_state_dict(mixed.interventions[key].state_dict())
+        rows = [i for i, task in enumerate(tasks) if task == t]
+        sub = {name: v[rows] for name, v in batch.items() if name != "tasks"}
+        sub["intervention_locations"] = sub["intervention_locations"][:, [k]]
+        n = int((sub["labels"][:, 1:] != -100).sum())
+        summed, count = summed + causal_lm_loss(alone, **sub)["loss"] * n, count + n
+    torch.testing.assert_close(total, summed / count, atol=1e-6, rtol=1e-6)
+
+
+def test_task_errors_in_data_modules():
+    tok = tiny_tokenizer()
+    mixed = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "low_rank_dimension": 2, "task": "a"}])
+    with pytest.raises(DataError, match=r"tasks\[1\]='z' is not a task of the model"):
+        reftkit.make_last_position_supervised_data_module(tok, mixed, PROMPTS, ANSWERS, tasks=["a", "z", None])
+    with pytest.raises(DataError, match="tasks has 2 entries, inputs has 3"):
+        reftkit.make_last_position_supervised_data_module(tok, mixed, PROMPTS, ANSWERS, tasks=["a", "a"])
+    with pytest.raises(DataError, match="not a ReftModel whose config assigns entries to tasks"):
+        reftkit.make_last_position_supervised_data_module(tok, _reft(), PROMPTS, ANSWERS, tasks=["a"] * 3)

@@ -1,4 +1,4 @@
-"""reftkit.training: label-only LM loss, ReftTrainer (optimizer, checkpoints, resume, DDP), classifier."""
+"""reftkit.training: label-only LM loss, ReftTrainer (optimizer, checkpoints, resume, DDP, FSDP2), classifier."""
 from __future__ import annotations
 
 import os
@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from accelerate.utils import FullyShardedDataParallelPlugin
 from transformers import TrainerCallback
 
 import reftkit
 from conftest import tiny_gpt2, tiny_llama
-from ddp_worker import REFT_CONFIG, SGD, Collator, LMData, make_reft, train, training_args
+from ddp_worker import REFT_CONFIG, SGD, Collator, LMData, make_reft, train, train_classifier, training_args
+from reftkit.distributed import check_fsdp_plugin
 from reftkit.training import (ReftForSequenceClassification, ReftTrainer, causal_lm_loss,
-                              find_backbone_and_head)
+                              find_backbone_and_head, load_interventions)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -173,6 +175,62 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single = train(str(tmp_path / "single"), batch=4, steps=4, **SGD)  # same global batch, data order, steps
     assert _max_diff(load_file(str(out)), single) <= 1e-5
+
+
+def test_fsdp2_two_processes_match_single_process_and_save_full_interventions(tmp_path):
+    """FSDP2 over 2 CPU processes (gloo): training, checkpoints, resume, a classifier; see ddp_worker.fsdp_on_cpu."""
+    out = tmp_path / "fsdp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(TESTS / "ddp_worker.py"), "--batch", "2", "--steps", "4", "--out", str(out), "--sgd",
+           "--momentum", "0.5", "--fsdp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # momentum gives the optimizer a state for resuming to restore; SGD keeps gradient-scale errors visible
+    single = train(str(tmp_path / "single"), batch=4, steps=4, **SGD, optim_args="momentum=0.5")
+    assert _max_diff(load_file(str(out)), single) <= 1e-5
+    assert _max_diff(load_file(str(tmp_path / "fsdp.resumed.safetensors")), single) <= 1e-5  # from checkpoint-2
+
+    ckpt = tmp_path / "checkpoint-4"
+    files = set(os.listdir(ckpt))
+    assert {"config.json", "interventions.safetensors", "optimizer.bin", "scheduler.pt"} <= files
+    assert not [f for f in files if f.startswith(("pytorch_model", "model."))]  # the base model is never written
+    saved = load_file(str(ckpt / "interventions.safetensors"))
+    # full tensors, not one rank's shard (rotation.raw is [32, 4] in full, [16, 4] per rank)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in single.items()}
+    assert _max_diff(saved, single) <= 1e-5
+    reloaded = reftkit.ReftModel.from_pretrained(tiny_llama(seed=0, layers=2), ckpt)
+    assert _max_diff(_weights(reloaded.interventions), saved) == 0.0
+    into = make_reft(init_seed=7)
+    load_interventions(into, ckpt)
+    assert _max_diff(_weights(into.interventions), saved) == 0.0
+
+    # a classifier: the head is gathered and saved with the interventions
+    train_classifier(str(tmp_path / "single_classifier"), batch=4, steps=4, **SGD, optim_args="momentum=0.5")
+    for name in ("interventions.safetensors", "head.safetensors"):
+        ours, ref = (load_file(str(tmp_path / folder / name)) for folder in ("classifier", "single_classifier"))
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+        assert _max_diff(ours, ref) <= 1e-5, name
+    clf = ReftForSequenceClassification.from_pretrained(tiny_llama(seed=0, layers=2), tmp_path / "classifier")
+    assert clf.head.weight.shape == (3, 32)
+
+
+def _plugin(**overrides) -> FullyShardedDataParallelPlugin:
+    return FullyShardedDataParallelPlugin(**{"fsdp_version": 2, "auto_wrap_policy": "transformer_based_wrap",
+                                             **overrides})
+
+
+def test_fsdp_plugin_defaults_to_the_decoder_layers_and_refuses_what_cannot_work():
+    base = tiny_llama(layers=1)
+    plugin = _plugin()
+    check_fsdp_plugin(plugin, base)
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]  # a ReftModel has no _no_split_modules
+    with pytest.raises(ValueError, match=r"supports FSDP2 only, got fsdp_config\['version'\]=1"):
+        check_fsdp_plugin(_plugin(fsdp_version=1, sync_module_states=False), base)
+    with pytest.raises(ValueError, match=r"fsdp_config\['activation_checkpointing'\]=True"):
+        check_fsdp_plugin(_plugin(activation_checkpointing=True), base)
+    with pytest.raises(ValueError, match=r"names \['LlamaForCausalLM'\]"):
+        check_fsdp_plugin(_plugin(transformer_cls_names_to_wrap=["LlamaForCausalLM"]), base)
 
 
 # -- sequence classification -----------------------------------------------------------------

@@ -157,7 +157,8 @@ def _device(model: Any) -> torch.device:
 
 @torch.no_grad()
 def generate_predictions(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
-                         batch_size: int = 8, chat_template: bool = False, progress: bool = True) -> list[str]:
+                         batch_size: int = 8, chat_template: bool = False, progress: bool = True,
+                         tasks: Sequence[str | None] | None = None) -> list[str]:
     """Greedy continuations of ``prompts``, in input order, decoded without the prompt and stripped.
 
     ``model`` is anything with ``generate(input_ids=, attention_mask=, max_new_tokens=,
@@ -167,10 +168,13 @@ def generate_predictions(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
     on padding; the tokenizer is switched to left padding (decoder-only models continue from the
     last column) and restored afterwards, as is its pad token if one had to be borrowed from EOS.
     With ``chat_template`` each prompt is wrapped as one user turn with the generation prompt; the
-    template already contains the special tokens, so none are added when tokenizing.
+    template already contains the special tokens, so none are added when tokenizing. ``tasks``
+    (one per prompt) routes each prompt of a mixed-task ``ReftModel`` to its task.
     """
     from tqdm.auto import tqdm
 
+    if tasks is not None and len(tasks) != len(prompts):
+        raise ValueError(f"tasks has {len(tasks)} entries, prompts has {len(prompts)}; give one task per prompt")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts] if chat_template \
         else list(prompts)
@@ -190,8 +194,9 @@ def generate_predictions(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
                 enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=special)
                 ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                routed = {} if tasks is None else {"tasks": [tasks[i] for i in chunk]}
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id, **routed)
                 new = out[:, ids.shape[1]:]  # with left padding every prompt ends at the same column
                 for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     results[i] = text.strip()

@@ -67,46 +67,58 @@ def _padding_counter(collator):
 
 
 # ===================================================================================== workers
+def _phases(load, build_data, build_trainer) -> dict:
+    """Time the phases of one run: load the model, build the data module, the trainer, train."""
+    t0 = time.perf_counter()
+    loaded = load()
+    t1 = time.perf_counter()
+    module = build_data(*loaded)
+    t2 = time.perf_counter()
+    collate, counts = _padding_counter(module["data_collator"])
+    trainer = build_trainer(*loaded, module, collate)
+    t3 = time.perf_counter()
+    result = trainer.train()
+    t4 = time.perf_counter()
+    return {"load_s": t1 - t0, "data_s": t2 - t1, "trainer_s": t3 - t2, "train_s": t4 - t3,
+            "train_loss": result.training_loss, "steps": result.global_step, **counts}
+
+
+def _load(workdir: Path, **dtype) -> tuple:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "model", attn_implementation="sdpa", **dtype)
+    return model, transformers.AutoTokenizer.from_pretrained(workdir / "model")
+
+
 def worker_pyreft(workdir: Path) -> dict:
     import torch
     import transformers
     import pyreft
+    from importlib.metadata import version
 
     setup = json.loads((workdir / "setup.json").read_text())
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "model", torch_dtype=torch.float32,
-                                                              attn_implementation="sdpa")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "model")
-    t_load = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    d = model.config.hidden_size
-    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": RANK,
-             "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=RANK, dropout=0.0,
-                                                       dtype=torch.float32)}
-            for layer in LAYERS]
-    reft_model = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), set_device=False)
-    # The rendered response already ends with the chat template's end token: nonstop=True adds no eos.
-    module = pyreft.make_last_position_supervised_data_module(
-        tokenizer, model, setup["prompt_texts"], setup["response_texts"], num_interventions=len(LAYERS),
-        nonstop=True)
-    t_data = time.perf_counter() - t0
+    def build_data(model, tokenizer):
+        d = model.config.hidden_size
+        reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": RANK,
+                 "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=RANK, dropout=0.0,
+                                                           dtype=torch.float32)} for layer in LAYERS]
+        built["reft"] = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), set_device=False)
+        # The rendered response already ends with the chat template's end token: nonstop=True adds no eos.
+        return pyreft.make_last_position_supervised_data_module(
+            tokenizer, model, setup["prompt_texts"], setup["response_texts"], num_interventions=len(LAYERS),
+            nonstop=True)
 
-    t0 = time.perf_counter()
-    collate, counts = _padding_counter(module["data_collator"])
-    args = transformers.TrainingArguments(output_dir=str(workdir / "out"), **TRAINING)
-    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=args,
-                                            train_dataset=module["train_dataset"], data_collator=collate)
-    t_trainer = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = trainer.train()
-    t_train = time.perf_counter() - t0
-    from importlib.metadata import version
-    return {"load_s": t_load, "data_s": t_data, "trainer_s": t_trainer, "train_s": t_train,
-            "train_loss": result.training_loss, "steps": result.global_step, **counts,
-            "software": f"pyreft {version('pyreft')}, pyvene {version('pyvene')}, "
-                        f"transformers {transformers.__version__}, torch {torch.__version__}"}
+    def build_trainer(model, tokenizer, module, collate):
+        args = transformers.TrainingArguments(output_dir=str(workdir / "out"), **TRAINING)
+        return pyreft.ReftTrainerForCausalLM(model=built["reft"], tokenizer=tokenizer, args=args,
+                                             train_dataset=module["train_dataset"], data_collator=collate)
+    built: dict = {}
+    out = _phases(lambda: _load(workdir, torch_dtype=torch.float32), build_data, build_trainer)
+    out["software"] = (f"pyreft {version('pyreft')}, pyvene {version('pyvene')}, "
+                       f"transformers {transformers.__version__}, torch {torch.__version__}")
+    return out
 
 
 def worker_reftkit(workdir: Path, sampling: str) -> dict:
@@ -118,32 +130,23 @@ def worker_reftkit(workdir: Path, sampling: str) -> dict:
 
     setup = json.loads((workdir / "setup.json").read_text())
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32,
-                                                              attn_implementation="sdpa")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "model")
-    t_load = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    reps = [{"layer": layer, "component": "block_output", "positions": "l1", "intervention": "loreft",
-             "low_rank_dimension": RANK} for layer in LAYERS]
-    reft = reftkit.get_reft_model(model, reps)
-    module = reftkit.make_last_position_supervised_data_module(tokenizer, reft, setup["prompts"], setup["responses"],
-                                                               chat_template=True)
-    t_data = time.perf_counter() - t0
+    def build_data(model, tokenizer):
+        reps = [{"layer": layer, "component": "block_output", "positions": "l1", "intervention": "loreft",
+                 "low_rank_dimension": RANK} for layer in LAYERS]
+        built["reft"] = reftkit.get_reft_model(model, reps)
+        return reftkit.make_last_position_supervised_data_module(tokenizer, built["reft"], setup["prompts"],
+                                                                 setup["responses"], chat_template=True)
 
-    t0 = time.perf_counter()
-    collate, counts = _padding_counter(module["data_collator"])
-    args = transformers.TrainingArguments(output_dir=str(workdir / "out"), train_sampling_strategy=sampling,
-                                          **TRAINING)
-    trainer = ReftTrainer(model=reft, args=args, train_dataset=module["train_dataset"], data_collator=collate)
-    t_trainer = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = trainer.train()
-    t_train = time.perf_counter() - t0
-    return {"load_s": t_load, "data_s": t_data, "trainer_s": t_trainer, "train_s": t_train,
-            "train_loss": result.training_loss, "steps": result.global_step, **counts,
-            "software": f"reftkit, transformers {transformers.__version__}, torch {torch.__version__}"}
+    def build_trainer(model, tokenizer, module, collate):
+        args = transformers.TrainingArguments(output_dir=str(workdir / "out"), train_sampling_strategy=sampling,
+                                              **TRAINING)
+        return ReftTrainer(model=built["reft"], args=args, train_dataset=module["train_dataset"],
+                           data_collator=collate)
+    built: dict = {}
+    out = _phases(lambda: _load(workdir, dtype=torch.float32), build_data, build_trainer)
+    out["software"] = f"reftkit, transformers {transformers.__version__}, torch {torch.__version__}"
+    return out
 
 
 def worker_main(name: str, workdir: str) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .base import Intervention, InterventionError
-from .reft import Orthonormal, mask_subspaces
+from .reft import Orthonormal, _LowRank, mask_subspaces
 
 
 def _check_subspace(owner: str, subspace: Any) -> list[int] | None:
@@ -240,7 +240,7 @@ class _Rotation(Orthonormal):
         return q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
 
 
-class LowRankRotatedSpace(Intervention):
+class LowRankRotatedSpace(_LowRank):
     """Distributed interchange in an ``r``-dimensional learned subspace (DAS: Geiger et al., 2024,
     "Finding Alignments Between Interpretable Causal Variables and Distributed Neural
     Representations"): ``h' = h + R^T (R s − R h)``, ``R`` ``r x d`` with orthonormal rows, ``s`` the
@@ -255,26 +255,11 @@ class LowRankRotatedSpace(Intervention):
     """
 
     name = "lowrank_rotated_space"
-    uses_source = True
-    uses_subspaces = True
+    uses_source = True  # rank checks and subspace support come from the LoReFT family's base
 
     def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 1) -> None:
-        if (isinstance(low_rank_dimension, bool) or not isinstance(low_rank_dimension, int)
-                or low_rank_dimension <= 0):
-            raise InterventionError(
-                f"{type(self).__name__}: low_rank_dimension={low_rank_dimension!r} must be a positive int")
+        self._init_common(low_rank_dimension, 0.0)
         Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension)
-
-    @property
-    def rank(self) -> int:
-        return self.hparams["low_rank_dimension"]
-
-    def check_width(self, embed_dim: int) -> None:
-        r = self.hparams["low_rank_dimension"]
-        if r > embed_dim:
-            raise InterventionError(
-                f"{type(self).__name__}: low_rank_dimension={r} exceeds the width {embed_dim} "
-                "of the representation it is attached to")
 
     def build(self, embed_dim: int) -> None:
         self.rotation = _Rotation(embed_dim, self.hparams["low_rank_dimension"])

@@ -476,3 +476,28 @@ def test_all_position_interventions_also_edit_decoded_tokens(build):
     for h in handles:
         h.remove()
     assert out.tolist() == seq.tolist()
+
+
+def test_loreft_subspaces_compose_tasks_in_one_intervention():
+    """pyreft's subspace composition: rows 0-3 of a rank-8 LoReFT serve one example, rows 4-7 another;
+    each equals a rank-4 LoReFT built from those rows of R, W and b."""
+    torch.manual_seed(4)
+    reft = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "positions": "l1", "low_rank_dimension": 8}])
+    big = reft.interventions["layer1_block_output"]
+    with torch.no_grad():
+        big.source.weight.normal_()
+        big.source.bias.normal_()
+    ids, mask = pad_batch(SEQS[:2], "right")
+    out = reft(input_ids=ids, attention_mask=mask, subspaces=[[0, 1, 2, 3], [4, 5, 6, 7]]).logits
+    basis = big.rotation().detach()
+    for row, part in ((0, slice(0, 4)), (1, slice(4, 8))):
+        small = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "positions": "l1", "low_rank_dimension": 4}])
+        iv = small.interventions["layer1_block_output"]
+        with torch.no_grad():
+            iv.rotation.assign(basis[:, part])
+            iv.source.weight.copy_(big.source.weight[part])
+            iv.source.bias.copy_(big.source.bias[part])
+        one_ids, one_mask = pad_batch([SEQS[row]], "right")
+        ref = small(input_ids=one_ids, attention_mask=one_mask).logits[0]
+        n = len(SEQS[row])
+        torch.testing.assert_close(out[row, :n], ref[:n], atol=1e-5, rtol=1e-5)

@@ -194,9 +194,11 @@ def prepare(workdir: Path, n_train: int) -> dict:
     return setup
 
 
-def run_variant(name: str, workdir: Path) -> dict:
+def run_variant(name: str, workdir: Path, threads: int | None = None) -> dict:
     python = PYREFT_PYTHON if name == "pyreft" else sys.executable
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     if name != "pyreft":
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     log = workdir / f"{name}.log"
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every worker (default: torch's own choice); 1 is steadier on a "
+                             "shared machine, where another busy process makes OpenMP threads wait on each other")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--write", action="store_true", help="record the result in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -235,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="reftkit-bench-recipe-") as tmp:
         workdir = Path(tmp)
         setup = prepare(workdir, args.n_train)
+        if args.threads:
+            setup["torch_threads"] = args.threads
         order = [variants[(r + i) % len(variants)] for r in range(args.repeats) for i in range(len(variants))]
         for i, name in enumerate(tqdm(order, desc="variants (one epoch each)")):
-            result = run_variant(name, workdir)
+            result = run_variant(name, workdir, args.threads)
             rows.append({"variant": name, "repeat": i // len(variants), **result})
             tqdm.write(f"{name}: end to end {result['end_to_end_s']:.1f} s, loss {result['train_loss']:.3f}")
     df = pd.DataFrame(rows)
@@ -258,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         header = {"date": started, "load": (load_start, os.getloadavg()), "wall": time.perf_counter() - wall,
                   "command": "python benchmarks/bench_recipe.py --write" + ("" if args.n_train == 1000 else
-                                                                             f" --n-train {args.n_train}"),
+                                                                             f" --n-train {args.n_train}")
+                  + (f" --threads {args.threads}" if args.threads else "")
+                  + (f" --repeats {args.repeats}" if args.repeats != 1 else "")
+                  + (f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else ""),
                   "setup": setup, "software": dict(zip(df.variant, df.software))}
         write_results(summary, pd.DataFrame(ratios), header)
     return 0

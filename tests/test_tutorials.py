@@ -12,6 +12,8 @@ SMALL = {
     "01_quickstart.ipynb": "STEPS = 3\nMAX_NEW_TOKENS = 6\nRANK = 2\n",
     "02_instruction_tuning_1k.ipynb": "N_TRAIN = 16\nN_EVAL = 4\nEPOCHS = 1\nMAX_NEW_TOKENS = 6\n"
                                       "OUTPUT_DIR = 'run'\n",
+    "03_interpretability.ipynb": "PATCH_LAYER_STRIDE = 15\nMAX_NEW_TOKENS = 6\nDAS_LAYERS = [10]\nDAS_STEPS = 3\n"
+                                 "DAS_TRAIN_PAIRS = 32\nDAS_TEST_PAIRS = 16\nTHREADS = 1\n",
 }
 
 

@@ -193,11 +193,13 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default="loreft,ia3")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steady on a shared machine, where busy neighbours stall OpenMP)")
     args = parser.parse_args(argv)
     import pandas as pd
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     started, load_start, wall = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg(), time.perf_counter()
     rows = []
     sizes, settings = args.sizes.split(","), args.settings.split(",")
@@ -235,14 +237,16 @@ def write_results(df, started, load_start, wall, args) -> None:
         f"{torch.get_num_threads()}; load average (1/5 min) {load_start[0]:.2f}/{load_start[1]:.2f} (start), "
         f"{load_end[0]:.2f}/{load_end[1]:.2f} (end)",
         f"- software: torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- command: `python benchmarks/bench_mixed_tasks.py --write` (wall time {wall:.0f} s)",
+        f"- command: `python benchmarks/bench_mixed_tasks.py --write"
+        + (f" --sizes {args.sizes}" if args.sizes != "tiny,smollm2" else "") + f"` (wall time {wall:.0f} s)",
         f"- batch {BATCH} rows routed round-robin to k tasks; loreft = LoReFT r=4 at block_output of 4 layers, f1+l1, "
         "per task; ia3 = that plus IA3 on keys, values and FFN input at every position of every layer, per task. "
         "`check max diff`: every row of the k=16 batch against its task run alone (logits, real tokens).", "",
         *table, "", *verdicts, "",
-        "- Routing is a mask on the positions: every task's interventions run on all rows and rows of other tasks "
-        "are left untouched, so the extra cost is (k-1) times the interventions' own (small) work, not the "
-        "model's.", end])
+        "- How routing works: each task's interventions run on that task's rows only, and the tasks at one "
+        "tensor share one gather and one scatter (`HookManager._edit_tasks`); what k adds is the per-task "
+        "call overhead (small kernels, a QR per LoReFT), which shows most on the tiny model, where the model's "
+        "own work is smallest.", end])
     text = RESULTS.read_text()
     if begin in text:
         text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]

@@ -25,6 +25,28 @@ class Slot:
     site: Site
     every_token: bool = False  # positions "all": also applied to each new token at generate's decode steps
     source: int = 0            # which of the call's sources a source-using intervention reads
+    task: str | None = None    # mixed-task batches: the task whose rows it acts on (None = every row)
+
+
+def _joinable(a: Slot, b: Slot) -> bool:
+    """Slots of different tasks editing the same tensor: their rows never overlap, so one gather and
+    one scatter can serve them all (see ``HookManager._edit_tasks``)."""
+    return (a.task is not None and b.task is not None and a.task != b.task
+            and (a.site.module_path, a.site.hook, a.site.fused, a.site.heads, a.every_token)
+            == (b.site.module_path, b.site.hook, b.site.fused, b.site.heads, b.every_token)
+            and not (a.intervention.collects or b.intervention.collects))
+
+
+def task_units(slots: list[Slot]) -> list[list[Slot]]:
+    """Split one module's slots (in config order) into units: a single slot, or a run of
+    consecutive slots of distinct tasks at the same tensor."""
+    units: list[list[Slot]] = []
+    for slot in slots:
+        if units and all(_joinable(other, slot) for other in units[-1]):
+            units[-1].append(slot)
+        else:
+            units.append([slot])
+    return units
 
 
 class SourcesRecorded(Exception):
@@ -78,6 +100,17 @@ class CallState:
                     row_valid=row_valid)
         state.routed = routed
         return state
+
+    def rows_outside(self, slots: list[int], batch: int) -> torch.Tensor:
+        """The rows none of ``slots`` acts on (all routed slots), as an index tensor."""
+        key = (tuple(slots), batch)
+        if key not in self._row_index:
+            repeat = batch // self.locations.shape[0]
+            taken = {r for k in slots for r in self.routed[k]}
+            rows = [r for r in range(self.locations.shape[0]) if r not in taken]
+            self._row_index[key] = torch.tensor([r * repeat + j for r in rows for j in range(repeat)],
+                                                dtype=torch.long, device=self.locations.device)
+        return self._row_index[key]
 
     def row_index(self, slot: int, batch: int) -> torch.Tensor | None:
         """The rows (of a ``batch``-row hidden state) a routed slot acts on; None = every row."""
@@ -150,6 +183,7 @@ class HookManager:
         for slot in self.slots:
             groups.setdefault((slot.site.module_path, slot.site.hook), []).append(slot)
         for (path, kind), slots in groups.items():
+            slots = task_units(slots)
             module = self.model.get_submodule(path)
             if kind == "output":
                 handle = module.register_forward_hook(self._output_hook(slots))
@@ -236,7 +270,7 @@ class HookManager:
             raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
         return edit_rows(part, idx, valid, all_valid, self._call(slot, pick(source), subspace))
 
-    def _apply(self, slots: list[Slot], h: torch.Tensor) -> torch.Tensor:
+    def _apply(self, units: list[list[Slot]], h: torch.Tensor) -> torch.Tensor:
         state = self.state
         flat_shape = None
         if h.dim() == 2:  # some blocks (OPT's MLP) see tokens flattened to [batch * seq, hidden]
@@ -244,32 +278,71 @@ class HookManager:
             h = h.reshape(state.batch, -1, h.shape[-1])
         elif h.dim() != 3:
             raise RuntimeError(f"reftkit hooks expect [batch, seq, hidden] representations, got {tuple(h.shape)}")
-        for slot in slots:
-            fused = slot.site.fused
+        for unit in units:
+            fused = unit[0].site.fused
             part = fused.extract(h) if fused is not None else h
-            edited = self._edit(slot, part)
+            edited = self._edit(unit[0], part) if len(unit) == 1 else self._edit_tasks(unit, part)
             if edited is not part:
                 h = fused.insert(h, edited) if fused is not None else edited
         return h if flat_shape is None else h.reshape(flat_shape)
 
-    def _output_hook(self, slots: list[Slot]):
+    def _edit_tasks(self, unit: list[Slot], part: torch.Tensor) -> torch.Tensor:
+        """Several tasks' interventions at one tensor, each on its own rows, in one gather/scatter:
+        k tasks in a batch then cost about what one does."""
+        state, batch = self.state, part.shape[0]
+        rows = [state.row_index(slot.index, batch) for slot in unit]
+        if state.record is not None or any(r is None for r in rows):  # nothing to share: one by one
+            for slot in unit:
+                part = self._edit(slot, part)
+            return part
+        if state.decoding and (not unit[0].every_token or unit[0].intervention.uses_source):
+            return part
+        members = [(slot, r) for slot, r in zip(unit, rows) if r.numel()]
+        if not members:
+            return part
+        rest = state.rows_outside([slot.index for slot, _ in members], batch)
+        order = torch.cat([r for _, r in members] + [rest])
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+
+        def each_on_its_rows(found: torch.Tensor) -> torch.Tensor:
+            pieces = []
+            for slot, r in members:
+                source = state.sources.get(slot.index)
+                if slot.intervention.uses_source and source is None:
+                    raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
+                subspace = state.subspace_for(slot.index, batch)
+                fn = self._call(slot, None if source is None else source.index_select(0, r),
+                                None if subspace is None else subspace.index_select(0, r))
+                pieces.append(fn(found.index_select(0, r)).to(found.dtype))
+            pieces.append(found.index_select(0, rest))
+            return torch.cat(pieces).index_select(0, inverse)
+
+        if state.decoding:
+            return each_on_its_rows(part)
+        # each row keeps the positions of the one slot routed to it (the others are -1 there)
+        idx = torch.stack([state.rows_for(slot.index, batch)[0] for slot, _ in members]).amax(0)
+        valid = idx >= 0
+        all_valid = valid.device.type == "cpu" and bool(valid.all())
+        return edit_rows(part, idx, valid, all_valid, each_on_its_rows)
+
+    def _output_hook(self, units: list[list[Slot]]):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if self.state is None or not self.state.active:
                 return output
             if isinstance(output, torch.Tensor):
-                return self._apply(slots, output)
+                return self._apply(units, output)
             if isinstance(output, (tuple, list)):
-                return type(output)((self._apply(slots, output[0]), *output[1:]))
+                return type(output)((self._apply(units, output[0]), *output[1:]))
             raise TypeError(f"reftkit cannot intervene on an output of type {type(output).__name__}")
         return hook
 
-    def _input_hook(self, slots: list[Slot]):
+    def _input_hook(self, units: list[list[Slot]]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             if self.state is None or not self.state.active:
                 return None
             if args:
-                return (self._apply(slots, args[0]), *args[1:]), kwargs
+                return (self._apply(units, args[0]), *args[1:]), kwargs
             if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": self._apply(slots, kwargs["hidden_states"])}
+                return args, {**kwargs, "hidden_states": self._apply(units, kwargs["hidden_states"])}
             raise TypeError(f"reftkit found no hidden-state input to intervene on in {type(module).__name__}")
         return hook

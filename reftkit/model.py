@@ -100,7 +100,8 @@ class ReftModel(nn.Module):
                         raise ConfigError(f"representations[{i}] at layer {site.layer}: {err}") from None
                     self.interventions[key] = iv.to(device=device, dtype=torch.float32)
                     slots.append(Slot(index=len(slots), key=key, intervention=iv, site=site,
-                                      every_token=part_spec is not None and part_spec.every, source=rep.source))
+                                      every_token=part_spec is not None and part_spec.every, source=rep.source,
+                                      task=rep.task))
                     self._specs.append(part_spec)
                     self._slot_tasks.append(rep.task)
         return slots

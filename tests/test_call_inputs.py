@@ -278,6 +278,8 @@ def mixed_config():
     return [{"layer": 1, "component": "block_output", "positions": "l2", "intervention": Shift(seed=1), "task": "a"},
             {"layer": 1, "component": "block_output", "positions": "l2", "intervention": Shift(seed=2), "task": "b"},
             {"layer": 2, "component": "block_output", "positions": "all", "intervention": Shift(seed=3), "task": "b"},
+            {"layer": 2, "component": "block_output", "positions": "all", "intervention": Shift(seed=5, scale=0.7),
+             "task": "a"},
             {"layer": 0, "component": "block_output", "positions": "f1", "intervention": Shift(seed=4, scale=0.3)}]
 
 

@@ -700,10 +700,16 @@ def write_results(results, df, ratios, args, header: dict) -> None:
         lines.append("- (--quick smoke run: tiny batches and 2-3 rounds; these ratios are not measurements)")
     lines += [f"- {t}" for t in interpretation(results, ratios)]
     lines += [end]
-    block = "\n".join(lines) + "\n"
+    write_section(begin, end, "\n".join(lines))
+
+
+def write_section(begin: str, end: str, block: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) into RESULTS.md, replacing the
+    previous run's section between those markers, or appending it."""
     text = RESULTS.read_text() if RESULTS.exists() else \
         "# reftkit benchmark results\n\nSections are written by the benchmark scripts in this folder " \
         "(`--write`); a re-run replaces its own section.\n\n"
+    block = block.rstrip("\n") + "\n"
     if begin in text and end in text:
         pre, rest = text.split(begin, 1)
         post = rest.split(end, 1)[1].lstrip("\n")

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import _timed, build_base, cpu_model, interleaved, paired_ratio, quartiles  # noqa: E402
+from bench_core import (_timed, build_base, cpu_model, interleaved, paired_ratio, quartiles,  # noqa: E402
+                        write_section)
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 KS = (1, 4, 16)
 BATCH = 16
 
@@ -104,7 +104,8 @@ def bench(size: str, setting: str, args, pbar) -> list[dict]:
     import reftkit
 
     base_fn = (lambda: build_base(size)[0]) if size == "tiny" else _smollm2_factory()
-    model, pad = build_base(size) if size == "tiny" else (base_fn(), 2)
+    model = base_fn()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     n_layers = model.config.num_hidden_layers
     layers = [n_layers // 8, n_layers // 3, (2 * n_layers) // 3, n_layers - 1]
     vocab = model.config.vocab_size
@@ -237,7 +238,7 @@ def write_results(df, started, load_start, wall, args) -> None:
         f"{torch.get_num_threads()}; load average (1/5 min) {load_start[0]:.2f}/{load_start[1]:.2f} (start), "
         f"{load_end[0]:.2f}/{load_end[1]:.2f} (end)",
         f"- software: torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- command: `python benchmarks/bench_mixed_tasks.py --write"
+        "- command: `python benchmarks/bench_mixed_tasks.py --write"
         + (f" --sizes {args.sizes}" if args.sizes != "tiny,smollm2" else "") + f"` (wall time {wall:.0f} s)",
         f"- batch {BATCH} rows routed round-robin to k tasks; loreft = LoReFT r=4 at block_output of 4 layers, f1+l1, "
         "per task; ia3 = that plus IA3 on keys, values and FFN input at every position of every layer, per task. "
@@ -247,13 +248,7 @@ def write_results(df, started, load_start, wall, args) -> None:
         "tensor share one gather and one scatter (`HookManager._edit_tasks`); what k adds is the per-task "
         "call overhead (small kernels, a QR per LoReFT), which shows most on the tiny model, where the model's "
         "own work is smallest.", end])
-    text = RESULTS.read_text()
-    if begin in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    write_section(begin, end, section)
 
 
 if __name__ == "__main__":

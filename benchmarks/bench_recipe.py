@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,8 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core (parent side only: the pyreft
+                                                           # worker imports nothing from it)
 PYREFT_PYTHON = os.environ.get("PYREFT_PYTHON", "/tmp/pyreft_golden_venv/bin/python")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 VARIANTS = ("pyreft", "reftkit", "reftkit_shuffled")
 LAYERS, RANK = [8, 16, 24], 4
 TRAINING = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate=2e-3, lr_scheduler_type="linear",
@@ -168,7 +168,6 @@ def prepare(workdir: Path, n_train: int) -> dict:
     import reftkit
     from reftkit.datasets import define_word_dataset
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_core import save_for_445
 
     model, tokenizer = reftkit.load_model("smollm2")
@@ -274,21 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _md(df) -> str:
-    def fmt(v):
-        return f"{v:,.1f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(df.columns) + " |", "| " + " | ".join("---" for _ in df.columns) + " |"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def write_results(summary, ratios, header: dict) -> None:
-    import torch
+    from bench_core import cpu_model, md_table, write_section
 
     begin, end = "<!-- bench_recipe:BEGIN -->", "<!-- bench_recipe:END -->"
     (l1, l5, _), (e1, e5, _) = header["load"]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     ratio_lines = [f"- **{r.ratio}: {r.end_to_end:.2f}x end to end** (train loop {r.train:.2f}x, data module "
                    f"{r.data:.2f}x); peak RSS {r.peak_rss:.2f}x pyreft's"
                    + (f"; target >= 2x: {'met' if r.end_to_end >= 2 else 'not met'}" if r.ratio == "pyreft / reftkit"
@@ -296,14 +285,14 @@ def write_results(summary, ratios, header: dict) -> None:
     section = "\n".join([
         begin, "## bench_recipe: one epoch of the 1k WordNet recipe against pyreft", "",
         f"- date: {header['date']}",
-        f"- machine: {cpu}, {os.cpu_count()} logical CPUs, torch threads = {header['setup']['torch_threads']}; "
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads = {header['setup']['torch_threads']}; "
         f"load average (1/5 min) {l1:.2f} / {l5:.2f} (start), {e1:.2f} / {e5:.2f} (end)",
         "- software: " + "; ".join(f"{k}: {v}" for k, v in header["software"].items()),
         f"- command: `{header['command']}` (wall time {header['wall']:.0f} s)",
         f"- task: SmolLM2-135M-Instruct float32, LoReFT r={RANK} at block_output of layers {LAYERS}, last prompt "
         f"token; {header['setup']['n_train']} WordNet examples (chat template), batch 8, one epoch, AdamW lr 2e-3",
         "", "Seconds, peak RSS (MB) and token counts per variant (median over repeats):", "",
-        _md(summary.round(3)), "", *ratio_lines, "",
+        md_table(summary.round(3)), "", *ratio_lines, "",
         "- `end_to_end_s` = data module + trainer construction + `train()`; `padded_tokens` is what the "
         "batches held, `real_tokens` the non-pad ones: the gap is padding computed for nothing.",
         "- `train_loss` is the mean training loss over the epoch; the two libraries see the same tokens "
@@ -315,13 +304,7 @@ def write_results(summary, ratios, header: dict) -> None:
         "model a larger ratio cannot come from the library's overhead, which is about 1 % (reftkit / minimal hook).",
         "- Timings with 2 torch threads are unreliable here: when another process is busy, OpenMP threads wait "
         "on each other (a pyreft epoch took 873 s at 2 threads, 322 s at 1); hence `--threads 1`.", end])
-    text = RESULTS.read_text() if RESULTS.exists() else "# reftkit benchmark results\n"
-    if begin in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}; torch {torch.__version__}")
+    write_section(begin, end, section)
 
 
 if __name__ == "__main__":

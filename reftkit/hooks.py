@@ -61,7 +61,7 @@ class CallState:
 
     * ``sources``: slot index -> rows of the source run at that slot's positions (``[B, P, W]``);
     * ``subspaces``: slot index -> bool mask over the intervention's rank (``[B, r]``);
-    * ``row_valid``: ``[B, K]``, whether slot k acts on row b at all (task routing);
+    * ``routed``: slot index -> the rows it acts on (host list), for slots that skip some rows (tasks);
     * ``decoding``: generate's decode steps, where only ``every_token`` slots act, on whole rows;
     * ``record``: a recording (source) run: rows of ``record_slots`` are stored, nothing is edited;
     * ``collected``: rows seen by ``Collect`` interventions, by key.
@@ -72,7 +72,6 @@ class CallState:
     all_valid: bool
     active: bool = True
     batch: int = 0  # rows the model runs on (generate may expand the located batch for beams)
-    row_valid: torch.Tensor | None = None
     decoding: bool = False
     sources: dict[int, torch.Tensor] = field(default_factory=dict)
     subspaces: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -80,7 +79,7 @@ class CallState:
     record_slots: frozenset[int] = frozenset()
     collected: dict[str, torch.Tensor] = field(default_factory=dict)
     routed: dict[int, list[int]] = field(default_factory=dict)
-    _row_index: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _row_index: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, locations: torch.Tensor, row_valid: torch.Tensor | None = None) -> "CallState":
@@ -96,33 +95,27 @@ class CallState:
         # The fast path needs a host-side answer; on an accelerator that is a device sync per call,
         # so there the masked path (correct for any mask) is used instead.
         all_valid = bool(valid.all()) if locations.device.type == "cpu" else False
-        state = cls(locations=locations, valid=valid, all_valid=all_valid, batch=locations.shape[0],
-                    row_valid=row_valid)
-        state.routed = routed
-        return state
+        return cls(locations=locations, valid=valid, all_valid=all_valid, batch=locations.shape[0], routed=routed)
 
-    def rows_outside(self, slots: list[int], batch: int) -> torch.Tensor:
-        """The rows none of ``slots`` acts on (all routed slots), as an index tensor."""
-        key = (tuple(slots), batch)
+    def _index(self, key: Any, rows: list[int], batch: int) -> torch.Tensor:
+        """``rows`` of the located batch as an index into a ``batch``-row hidden state (generate's
+        beams repeat each row in place), built once per call."""
         if key not in self._row_index:
             repeat = batch // self.locations.shape[0]
-            taken = {r for k in slots for r in self.routed[k]}
-            rows = [r for r in range(self.locations.shape[0]) if r not in taken]
             self._row_index[key] = torch.tensor([r * repeat + j for r in rows for j in range(repeat)],
                                                 dtype=torch.long, device=self.locations.device)
         return self._row_index[key]
+
+    def rows_outside(self, slots: list[int], batch: int) -> torch.Tensor:
+        """The rows none of ``slots`` acts on (all routed slots), as an index tensor."""
+        taken = {r for k in slots for r in self.routed[k]}
+        rest = [r for r in range(self.locations.shape[0]) if r not in taken]
+        return self._index((tuple(slots), batch), rest, batch)
 
     def row_index(self, slot: int, batch: int) -> torch.Tensor | None:
         """The rows (of a ``batch``-row hidden state) a routed slot acts on; None = every row."""
         rows = self.routed.get(slot)
-        if rows is None:
-            return None
-        key = (slot, batch)
-        if key not in self._row_index:
-            repeat = batch // self.locations.shape[0]  # generate's beams: rows repeated in place
-            self._row_index[key] = torch.tensor([r * repeat + j for r in rows for j in range(repeat)],
-                                                dtype=torch.long, device=self.locations.device)
-        return self._row_index[key]
+        return None if rows is None else self._index((slot, batch), rows, batch)
 
     def _repeat(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         if batch == t.shape[0]:
@@ -177,6 +170,7 @@ class HookManager:
         self.slots = slots
         self.state: CallState | None = None
         self._handles: list[Any] = []
+        self._head_indices: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def attach(self) -> None:
         groups: dict[tuple[str, str], list[Slot]] = {}
@@ -198,6 +192,24 @@ class HookManager:
         self.state = None
 
     # -- the hooks ------------------------------------------------------------------------
+    def _head_index(self, slot: Slot, device: torch.device) -> torch.Tensor:
+        """The selected heads as an index tensor, made once per device rather than in every call."""
+        key = (slot.index, device)
+        if key not in self._head_indices:
+            self._head_indices[key] = torch.tensor(slot.site.heads, device=device)
+        return self._head_indices[key]
+
+    def _source(self, slot: Slot) -> torch.Tensor | None:
+        source = self.state.sources.get(slot.index)
+        if slot.intervention.uses_source and source is None:
+            raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
+        return source
+
+    @staticmethod
+    def _rests_while_decoding(slot: Slot) -> bool:
+        """Decode steps: only "all"-position interventions edit the new tokens."""
+        return not slot.every_token or slot.intervention.collects or slot.intervention.uses_source
+
     def _call(self, slot: Slot, source: torch.Tensor | None, subspace: torch.Tensor | None):
         """``rows -> rows'`` for one slot: passes the per-call inputs the intervention declares it
         uses, and for head-level sites applies it to each selected head (rows ``[..., heads, hd]``)."""
@@ -215,7 +227,7 @@ class HookManager:
 
         if heads is None:
             return lambda rows: call(rows, source)
-        index = torch.tensor(heads, device=self.state.locations.device)
+        index = self._head_index(slot, self.state.locations.device)
         per_head = (slot.site.num_heads, slot.site.width)
 
         def on_heads(rows: torch.Tensor) -> torch.Tensor:
@@ -234,8 +246,8 @@ class HookManager:
                 if len(state.record) == len(state.record_slots):
                     raise SourcesRecorded
             return part
-        if state.decoding and (not slot.every_token or slot.intervention.collects or slot.intervention.uses_source):
-            return part  # decode steps: only "all"-position interventions edit the new tokens
+        if state.decoding and self._rests_while_decoding(slot):
+            return part
         rows = state.row_index(slot.index, batch)
         if rows is None:
             return self._edit_rows(slot, part, batch, None)
@@ -258,17 +270,14 @@ class HookManager:
         if slot.intervention.collects:
             found = torch.where(valid.unsqueeze(-1), gather_rows(part, idx), 0.0)
             if slot.site.heads is not None:  # [B, P, heads, head_dim]: the selected heads only
-                index = torch.tensor(slot.site.heads, device=found.device)
-                found = found.unflatten(-1, (slot.site.num_heads, slot.site.width)).index_select(-2, index)
+                found = found.unflatten(-1, (slot.site.num_heads, slot.site.width)).index_select(
+                    -2, self._head_index(slot, found.device))
             if rows is not None:  # keep the batch layout: rows of other tasks stay zero
                 found = torch.zeros((batch, *found.shape[1:]), dtype=found.dtype,
                                     device=found.device).index_copy(0, rows, found)
             state.collected[slot.key] = found
             return part
-        source = state.sources.get(slot.index)
-        if slot.intervention.uses_source and source is None:
-            raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
-        return edit_rows(part, idx, valid, all_valid, self._call(slot, pick(source), subspace))
+        return edit_rows(part, idx, valid, all_valid, self._call(slot, pick(self._source(slot)), subspace))
 
     def _apply(self, units: list[list[Slot]], h: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -295,7 +304,7 @@ class HookManager:
             for slot in unit:
                 part = self._edit(slot, part)
             return part
-        if state.decoding and (not unit[0].every_token or unit[0].intervention.uses_source):
+        if state.decoding and self._rests_while_decoding(unit[0]):
             return part
         members = [(slot, r) for slot, r in zip(unit, rows) if r.numel()]
         if not members:
@@ -307,9 +316,7 @@ class HookManager:
         def each_on_its_rows(found: torch.Tensor) -> torch.Tensor:
             pieces = []
             for slot, r in members:
-                source = state.sources.get(slot.index)
-                if slot.intervention.uses_source and source is None:
-                    raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
+                source = self._source(slot)
                 subspace = state.subspace_for(slot.index, batch)
                 fn = self._call(slot, None if source is None else source.index_select(0, r),
                                 None if subspace is None else subspace.index_select(0, r))

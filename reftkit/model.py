@@ -152,6 +152,11 @@ class ReftModel(nn.Module):
             (list(source_locations) if source_locations is not None else [None] * len(batches))
         if len(where) != len(batches):
             raise ValueError(f"source_locations has {len(where)} entries for {len(batches)} source batches")
+        beyond = {self._hooks.slots[i].key: self._hooks.slots[i].source for i in uses_source
+                  if self._hooks.slots[i].source >= len(batches)}
+        if beyond:
+            raise ValueError(f"interventions {list(beyond)} read source batches {list(beyond.values())}, but only "
+                             f"{len(batches)} source batch(es) were given")
         recorded: dict[int, torch.Tensor] = {}
         for j, (src, src_locations) in enumerate(zip(batches, where)):
             slots = frozenset(i for i in uses_source if self._hooks.slots[i].source == j)
@@ -185,17 +190,9 @@ class ReftModel(nn.Module):
             finally:
                 self._hooks.state = None
             recorded.update(state.record)
-        missing = [self._hooks.slots[i].key for i in uses_source if i not in recorded]
-        if missing:
-            raise ValueError(f"interventions {missing} read source batch "
-                             f"{[self._hooks.slots[self._index(k)].source for k in missing]}, but only "
-                             f"{len(batches)} source batch(es) were given")
         # recorded rows may be narrower than the base's (padded) positions: pad them with zeros
         width = located.shape[-1]
         return located, {i: torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for i, r in recorded.items()}
-
-    def _index(self, key: str) -> int:
-        return list(self.interventions).index(key)
 
     def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
         """Each intervention's positions (from the config) inside prompts of the given lengths,

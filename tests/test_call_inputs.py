@@ -214,6 +214,9 @@ def test_source_errors_are_clear():
     with pytest.raises(ValueError, match="example 0: .* acts on 1 positions of the base but its source run has 0"):
         reft(input_ids=ids, attention_mask=mask, sources={"input_ids": s, "attention_mask": m},
              source_locations=torch.tensor([[-1], [0], [0]]))
+    second = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "positions": "l1", "intervention": Swap(), "source": 1}])
+    with pytest.raises(ValueError, match=r"read source batches \[1\], but only 1 source batch"):
+        second(input_ids=ids, attention_mask=mask, sources={"input_ids": s, "attention_mask": m})
     plain = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "intervention": Shift()}])
     with pytest.raises(ValueError, match="no intervention of this model reads a source run"):
         plain(input_ids=ids, attention_mask=mask, sources={"input_ids": s, "attention_mask": m})

@@ -506,3 +506,14 @@ def test_loreft_subspaces_compose_tasks_in_one_intervention():
         ref = small(input_ids=one_ids, attention_mask=one_mask).logits[0]
         n = len(SEQS[row])
         torch.testing.assert_close(out[row, :n], ref[:n], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_task_beam_search_keeps_each_row_on_its_task():
+    ids, mask = pad_batch(SEQS, "left")
+    mixed = reftkit.get_reft_model(tiny_llama(), mixed_config())
+    kw = dict(max_new_tokens=5, do_sample=False, num_beams=2, pad_token_id=0)
+    out = mixed.generate(input_ids=ids, attention_mask=mask, tasks=["a", "b", None], **kw)
+    for b, task in enumerate(["a", "b", None]):
+        alone = reftkit.get_reft_model(tiny_llama(), single_config(task))
+        one_ids, one_mask = pad_batch([SEQS[b]], "left")
+        assert out[b, -5:].tolist() == alone.generate(input_ids=one_ids, attention_mask=one_mask, **kw)[0, -5:].tolist()

@@ -62,6 +62,8 @@ def find_backbone_and_head(reft: ReftModel) -> tuple[nn.Module, nn.Module] | Non
     The backbone is ``get_decoder()`` (else ``base_model``); as in every HF causal LM its
     ``last_hidden_state`` already has the final norm applied, so the head follows it directly.
     """
+    if not getattr(reft, "label_only_loss", True):
+        return None  # e.g. prompt tuning: virtual tokens enter through the wrapper's own forward
     hf = reft.model
     config = getattr(hf, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
@@ -79,8 +81,9 @@ def find_backbone_and_head(reft: ReftModel) -> tuple[nn.Module, nn.Module] | Non
     prefix = _module_path(hf, backbone)
     if prefix is None:
         return None
+    slots = reft._hooks.slots if isinstance(reft, ReftModel) else ()
     if prefix and any(not (s.site.module_path == prefix or s.site.module_path.startswith(prefix + "."))
-                      for s in reft._hooks.slots):
+                      for s in slots):
         return None
     return backbone, head
 
@@ -282,9 +285,12 @@ class ReftTrainer(Trainer):
 
     def __init__(self, model: ReftModel | ReftForSequenceClassification,
                  args: TrainingArguments | None = None, **kwargs: Any) -> None:
-        if not isinstance(model, (ReftModel, ReftForSequenceClassification)):
-            raise TypeError(f"ReftTrainer trains a ReftModel or ReftForSequenceClassification, got "
-                            f"{type(model).__name__}; build one with reftkit.get_reft_model")
+        # A weight-space baseline (reftkit.analysis.WeightSpaceModel) trains here too, with the same
+        # loss and loop; it is recognised by its load_trained method (core does not import analysis).
+        self.is_weight_space = hasattr(model, "load_trained") and hasattr(model, "label_only_loss")
+        if not isinstance(model, (ReftModel, ReftForSequenceClassification)) and not self.is_weight_space:
+            raise TypeError(f"ReftTrainer trains a ReftModel, ReftForSequenceClassification or weight-space "
+                            f"baseline, got {type(model).__name__}; build one with reftkit.get_reft_model")
         if kwargs.get("model_init") is not None:
             raise ValueError("ReftTrainer does not support model_init; pass the ReftModel")
         args = copy.copy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
@@ -302,6 +308,9 @@ class ReftTrainer(Trainer):
                              "process); launch one process per device with torchrun or accelerate launch")
         self.is_classifier = isinstance(model, ReftForSequenceClassification)
         base = model.reft.model if self.is_classifier else model.model
+        if self.is_weight_space and (self.is_fsdp_enabled or self.args.fsdp):
+            raise ValueError(f"ReftTrainer does not shard weight-space baselines ({model.method}); train them "
+                             "in one process or with DDP")
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin, base)
         elif self.args.fsdp:
@@ -401,6 +410,8 @@ class ReftTrainer(Trainer):
         with self._full_trained_tensors(module, loading=True):
             if isinstance(module, ReftForSequenceClassification):
                 module.load_weights(folder)
+            elif self.is_weight_space:
+                module.load_trained(folder)
             else:
                 load_interventions(module, folder)
 

@@ -135,3 +135,14 @@ def test_errors_name_the_value():
     with pytest.raises(NotImplementedError, match="base_model"):
         with get_weight_space_model(tiny_llama(), "fpft").disabled():
             pass
+
+
+def test_importing_analysis_loads_no_peft_nnsight_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, reftkit, reftkit.analysis as a; a.compare; a.sweep; a.representation_changes; "
+            "print(sorted(m for m in ('peft', 'nnsight', 'matplotlib') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

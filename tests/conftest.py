@@ -59,3 +59,16 @@ def tiny_tokenizer(padding_side: str = "right", with_pad: bool = True):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>" if with_pad else None, padding_side=padding_side)
     return tok
+
+
+def patching_case():
+    """A tiny Llama with a clean and a corrupted batch (one token swapped) and a logit metric."""
+    model = tiny_llama(layers=3)
+    clean = {"input_ids": torch.tensor([[5, 9, 14, 22, 7], [6, 10, 15, 23, 8]])}
+    corrupt = {"input_ids": torch.tensor([[5, 30, 14, 22, 7], [6, 31, 15, 23, 8]])}
+    target = torch.tensor([40, 41])
+
+    def metric(out):
+        return out.logits[torch.arange(2), -1, target]
+
+    return model, clean, corrupt, metric

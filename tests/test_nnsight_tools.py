@@ -21,7 +21,7 @@ from reftkit.analysis.nnsight_plan import STAGES, static_order
 from reftkit.analysis.patching import activation_patching
 from reftkit.structure import StructureError, resolve_site
 
-from conftest import pad_batch, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import pad_batch, patching_case, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 SEQS = [[1, 5, 6, 7, 8, 9], [1, 8, 9], [1, 4]]
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,13 +198,7 @@ def test_bert_modules_nnsight_renames_and_an_output_without_logits():
 
 
 def test_patching_equals_the_hook_version_and_a_hand_patch():
-    model = tiny_llama(layers=3)
-    clean = {"input_ids": torch.tensor([[5, 9, 14, 22, 7], [6, 10, 15, 23, 8]])}
-    corrupt = {"input_ids": torch.tensor([[5, 30, 14, 22, 7], [6, 31, 15, 23, 8]])}
-    target = torch.tensor([40, 41])
-
-    def metric(out):
-        return out.logits[torch.arange(2), -1, target]
+    model, clean, corrupt, metric = patching_case()
 
     want = activation_patching(model, clean, corrupt, metric, progress=False)
     got = nt.patching_grid(model, clean, corrupt, metric)

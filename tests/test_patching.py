@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import reftkit
 from reftkit.analysis.patching import activation_patching, mean_activation, plot_patching, steering_vector
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import patching_case, tiny_llama, tiny_tokenizer
 
 POS = ["good movie", "great movie yes", "good good dog"]
 NEG = ["bad movie", "awful movie no", "bad cat"]
@@ -74,13 +74,7 @@ def test_mean_activation_of_heads():
 
 
 def test_activation_patching_matches_manual_patching_and_its_invariants():
-    model = tiny_llama(layers=3)
-    clean = {"input_ids": torch.tensor([[5, 9, 14, 22, 7], [6, 10, 15, 23, 8]])}
-    corrupt = {"input_ids": torch.tensor([[5, 30, 14, 22, 7], [6, 31, 15, 23, 8]])}
-    target = torch.tensor([40, 41])
-
-    def metric(out):
-        return out.logits[torch.arange(2), -1, target]
+    model, clean, corrupt, metric = patching_case()
 
     frame = activation_patching(model, clean, corrupt, metric, progress=False)
     assert len(frame) == 3 * 5

@@ -14,6 +14,10 @@ SMALL = {
                                       "OUTPUT_DIR = 'run'\n",
     "03_interpretability.ipynb": "PATCH_LAYER_STRIDE = 15\nMAX_NEW_TOKENS = 6\nDAS_LAYERS = [10]\nDAS_STEPS = 3\n"
                                  "DAS_TRAIN_PAIRS = 32\nDAS_TEST_PAIRS = 16\nTHREADS = 1\n",
+    "04_representation_changes.ipynb": "N_TRAIN = 8\nEPOCHS = 1\nN_PROMPTS = 4\nPCA_LAYER = 16\nTHREADS = 1\n",
+    "05_reft_vs_lora.ipynb": "N_TRAIN = 8\nN_EVAL = 2\nEPOCHS = 1\nMAX_NEW_TOKENS = 4\nTHREADS = 1\n"
+                             "METHODS = ['base', 'loreft', 'direft', 'lora', 'ia3', 'svf', 'prompt_tuning', "
+                             "'p_tuning_v2', 'prefix_tuning', 'p_tuning', 'fpft']\n",
 }
 
 

@@ -1,10 +1,8 @@
 """Writes tutorials/03_interpretability.ipynb; with ``--execute`` also runs it with the full parameters
 (about 13 minutes on one CPU thread) and stores the outputs, as committed."""
-import sys
-import tempfile
-from pathlib import Path
-
 import nbformat as nbf
+
+from notebook_writer import write
 
 nb = nbf.v4.new_notebook()
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
@@ -515,13 +513,4 @@ md("""**What the numbers say** (stored run; the test pairs use names never seen 
   of gender in the model."""),
 code("""print(f"notebook ran in {time.time() - started:.0f} s")"""),
 ]
-nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nb["metadata"]["language_info"] = {"name": "python"}
-if "--execute" in sys.argv:
-    from nbclient import NotebookClient
-
-    with tempfile.TemporaryDirectory() as cwd:   # the notebook writes no files; run it away from the repo anyway
-        NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()
-    for cell in nb.cells:
-        cell.metadata.pop("execution", None)
-nbf.write(nb, Path(__file__).resolve().parents[1] / "03_interpretability.ipynb")
+write(nb, "03_interpretability.ipynb")

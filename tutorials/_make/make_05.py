@@ -45,6 +45,7 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", category=FutureWarning)
 import pandas as pd
 import torch
 from transformers.utils import logging as hf_logging

@@ -4,7 +4,10 @@ One row per method, with the fields of peft's ``method_comparison`` results wher
 (``num_trainable_params``, ``num_total_params``, ``file_size``, ``train_time``, ``train_loss``,
 ``accelerator_memory_max``) plus reftkit's: the trainable share, the peak resident memory during
 training (CPU runs have no accelerator counter), the generation scores (BLEU-4, ROUGE-1/2/L, exact
-match) and the inference latency and throughput of that evaluation.
+match) and the inference latency and throughput of that evaluation. ``inference_latency_s`` is the mean
+wall time of one ``generate`` call (one batch of ``eval_batch_size`` prompts); ``tokens_per_s`` counts each
+row's tokens up to and including its EOS, so a method that answers briefly while another row of its batch
+runs on to ``max_new_tokens`` scores fewer useful tokens per second than the raw decoding speed.
 
 Each method is built on the base model, trained with :class:`reftkit.ReftTrainer` on the same
 last-position supervised data module (same order: the seed is reset before each method), evaluated by

@@ -19,6 +19,8 @@ from .baselines import PROMPT_METHODS, WEIGHT_SPACE_METHODS
 
 REFT_DEFAULT_REPRESENTATION = {"layer": "all", "component": "block_output", "positions": "l1",
                                "low_rank_dimension": 4}
+# a bottleneck adapter acts on every token (Houlsby et al. 2019), with its own size option
+ADAPTER_DEFAULT_REPRESENTATION = {"layer": "all", "component": "block_output", "positions": "all"}
 _LEARNING_RATES = {"reft": 2e-3, "lora": 5e-4, "ia3": 3e-3, "svf": 2e-3, "prefix_tuning": 5e-3,
                    "p_tuning_v2": 5e-3, "p_tuning": 5e-3, "prompt_tuning": 3e-2, "fpft": 2e-5, "base": 0.0}
 _OPTIONS: dict[str, dict[str, Any]] = {"lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
@@ -73,7 +75,8 @@ class Method:
 
     def representations(self) -> list[dict[str, Any]]:
         """The ReftConfig entries of a ReFT method: ``options["representations"]`` if given, else one
-        entry from :data:`REFT_DEFAULT_REPRESENTATION` updated by ``options``."""
+        entry from :data:`REFT_DEFAULT_REPRESENTATION` (:data:`ADAPTER_DEFAULT_REPRESENTATION` for a
+        bottleneck adapter) updated by ``options``."""
         if self.kind != "reft":
             raise ValueError(f"{self.name} is not a ReFT method")
         if "representations" in self.options:
@@ -81,7 +84,8 @@ class Method:
             for r in reps:
                 r.setdefault("intervention", self.name)
             return reps
-        return [{**REFT_DEFAULT_REPRESENTATION, **self.options, "intervention": self.name}]
+        default = ADAPTER_DEFAULT_REPRESENTATION if self.name == "bottleneck_adapter" else REFT_DEFAULT_REPRESENTATION
+        return [{**default, **self.options, "intervention": self.name}]
 
 
 def as_method(spec: str | Method | tuple | dict) -> Method:

@@ -25,7 +25,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -225,11 +225,3 @@ def svf_parameter_count(model: nn.Module, target_modules: str | Sequence[str] = 
     return sum(min(m.in_features, m.out_features) for name, m in model.named_modules()
                if m is not head and _matches(name, m, target_modules))
 
-
-def svf_config(**kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments :func:`apply_svf` accepts, validated (for method tables)."""
-    allowed = {"target_modules", "parametrization", "init_val", "max_mult", "seed"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise TypeError(f"unknown SVF option(s) {unknown}; allowed: {sorted(allowed)}")
-    return kwargs

@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: see RESULTS.md)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--from-csv", help="write RESULTS.md from a CSV of an earlier run instead of running")
+    parser.add_argument("--note", default="", help="a sentence about the run's conditions, added to RESULTS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -75,6 +77,10 @@ def main() -> None:
 
     import pandas as pd
 
+    if args.from_csv:
+        frame = pd.read_csv(args.from_csv)
+        frame.to_csv(OUT, index=False)
+        return write_results(frame, args)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -124,7 +130,8 @@ def write_results(frame, args: argparse.Namespace) -> None:
         f"AdamW with linear decay, seed 0; scores on {args.n_eval} held-out words, greedy, 48 new tokens, "
         "batch 16. `params`: trainable parameters (share of the base model's); `file_kb`: the saved weights; "
         "`train_s`: wall time of `train()`; `peak_rss_mb`: peak resident memory while training; `latency_s`: "
-        "mean wall time of one generate call (16 prompts); `tok_s`: generated tokens per second.", "",
+        "mean wall time of one generate call (16 prompts); `tok_s`: generated tokens (to each row's EOS) per "
+        "second.", *([args.note] if args.note else []), "",
         md_table(table), "", end]
     write_section(begin, end, "\n".join(lines))
 

@@ -98,3 +98,16 @@ def test_bad_input_errors():
     reft = reftkit.get_reft_model(model, [{"layer": 1, "component": "block_output", "intervention": "loreft"}])
     with pytest.raises(ValueError, match="already adapted"):
         compare(reft, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["base"])
+
+
+def test_method_specs_and_their_defaults():
+    assert Method("loreft").representations() == [{"layer": "all", "component": "block_output", "positions": "l1",
+                                                   "low_rank_dimension": 4, "intervention": "loreft"}]
+    adapter = Method("bottleneck_adapter", {"reduction_factor": 8})
+    reft = reftkit.get_reft_model(tiny_llama(), adapter.representations())
+    # one Houlsby-style bottleneck per layer on every token: down 32->4 and up 4->32 with biases
+    assert reft.parameter_counts()["trainable_intervention"] == 3 * (32 * 4 + 4 + 4 * 32 + 32)
+    assert Method("lora").options["r"] == 8 and Method("lora", {"r": 2}).options["r"] == 2
+    assert Method("fpft").learning_rate == 2e-5 and Method("direft").learning_rate == 2e-3
+    with pytest.raises(ValueError, match="method 'base' takes no options"):
+        Method("base", {"r": 1})

@@ -86,12 +86,11 @@ class WeightSpaceModel(nn.Module):
     key/value prefix, so the full forward is needed). Build one with :func:`get_weight_space_model`.
     """
 
-    def __init__(self, model: nn.Module, method: str, base: nn.Module, options: dict[str, Any],
-                 base_parameter_count: int, peft_model: Any = None) -> None:
+    def __init__(self, model: nn.Module, method: str, base: nn.Module, base_parameter_count: int,
+                 peft_model: Any = None) -> None:
         super().__init__()
         self.model = model
         self.method = method
-        self.options = dict(options)
         # Not registered as submodules: `base` is the untouched original for FPFT (never trained)
         # and `peft_model` wraps `model` (its parameters would be listed twice).
         self._refs = {"base": base, "peft": peft_model}
@@ -278,15 +277,15 @@ def get_weight_space_model(model: nn.Module, method: str, **options: Any) -> Wei
         trained = copy.deepcopy(model)
         for p in trained.parameters():
             p.requires_grad_(True)
-        return WeightSpaceModel(trained, method, base=model, options={}, base_parameter_count=count)
+        return WeightSpaceModel(trained, method, base=model, base_parameter_count=count)
     if method == "svf":
         svf_module.apply_svf(model, **options)
-        return WeightSpaceModel(model, method, base=model, options=options, base_parameter_count=count)
+        return WeightSpaceModel(model, method, base=model, base_parameter_count=count)
     from peft import get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = get_peft_model(model, _peft_config(method, options))
     runs = peft_model if method in PROMPT_METHODS else peft_model.base_model.model
-    return WeightSpaceModel(runs, method, base=model, options=options, base_parameter_count=count,
+    return WeightSpaceModel(runs, method, base=model, base_parameter_count=count,
                             peft_model=peft_model)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .baselines import saved_weights_size
+from .common import check_tokenizer_fits
 from .methods import Method, as_method
 
 SCORE_COLUMNS = ("bleu4", "rouge1", "rouge2", "rougeL", "exact_match")
@@ -100,14 +101,6 @@ class _TimedGenerate:
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(new[:, 0], new.shape[1]))
         self.tokens += int(first.sum())
         return out
-
-
-def _check_tokenizer(model: nn.Module, tokenizer: Any) -> None:
-    rows = model.get_input_embeddings().weight.shape[0] if hasattr(model, "get_input_embeddings") else None
-    size = len(tokenizer)
-    if rows is not None and size > rows:
-        raise ValueError(f"the tokenizer has {size} tokens but {type(model).__name__} embeds only {rows}: "
-                         "they are not a pair (a different model's tokenizer?)")
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -193,7 +186,7 @@ def compare(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train
                          f"eval {len(eval_inputs)} vs {len(eval_outputs)}")
     if getattr(model, "peft_config", None) is not None or hasattr(model, "interventions"):
         raise ValueError(f"model is already adapted ({type(model).__name__}); pass the base model")
-    _check_tokenizer(model, tokenizer)
+    check_tokenizer_fits(model, tokenizer)
     training = {"seed": seed, **(training or {})}
     eos = _eos_ids(model, tokenizer)
     rows = []

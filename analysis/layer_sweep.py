@@ -16,14 +16,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import model_device
+
 
 @torch.no_grad()
 def _eval_loss(model: Any, dataset: Any, collator: Any, batch_size: int) -> float:
     """Mean next-token cross entropy over the labelled tokens of ``dataset`` (token-weighted)."""
     total, count = 0.0, 0
+    device = model_device(model)
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
         if not hasattr(model, "interventions"):
             batch.pop("intervention_locations", None)

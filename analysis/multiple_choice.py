@@ -23,16 +23,9 @@ import torch
 
 from reftkit.model import ReftModel
 
+from .common import model_device
+
 LocationsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -45,7 +38,7 @@ def _pad_id(tokenizer: Any) -> int:
 def _batch_scores(model: Any, prompt_ids: list[list[int]], choice_ids: list[list[int]], pad: int,
                   length_normalised: bool, locations_fn: LocationsFn | None) -> list[float]:
     """Scores of one batch of (prompt, choice) pairs, right-padded into one forward pass."""
-    device = _device(model)
+    device = model_device(model)
     p_len = torch.tensor([len(p) for p in prompt_ids], device=device)
     c_len = torch.tensor([len(c) for c in choice_ids], device=device)
     width = int((p_len + c_len).max())

@@ -32,6 +32,7 @@ from torch import nn
 
 from reftkit.structure import find_layers, hidden_size
 
+from .common import check_tokenizer_fits, model_device
 from .representation_plots import plot_pca, plot_representation_changes
 
 __all__ = ["hidden_states", "representation_changes", "fit_pca", "PCA", "pca_before_after",
@@ -53,12 +54,6 @@ def _hf(model: Any) -> nn.Module:
         raise TypeError(f"expected a torch model, a reftkit.ReftModel or a weight-space baseline with .model and "
                         f".disabled(), got {type(model).__name__}")
     return model
-
-
-def _device(module: nn.Module) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _first(x: Any) -> torch.Tensor:
@@ -131,10 +126,8 @@ def _check_compatible(base: nn.Module, adapted: nn.Module) -> None:
                              "and vocabulary")
 
 
-def _check_tokenizers(tokenizer: Any, adapted_tokenizer: Any, rows: int) -> None:
-    size = len(tokenizer)
-    if size > rows:
-        raise ValueError(f"the tokenizer has {size} tokens but the model's input embedding has {rows} rows")
+def _check_tokenizers(tokenizer: Any, adapted_tokenizer: Any, model: nn.Module) -> None:
+    check_tokenizer_fits(model, tokenizer)
     if adapted_tokenizer is None or adapted_tokenizer is tokenizer:
         return
     vocab, other = tokenizer.get_vocab(), adapted_tokenizer.get_vocab()
@@ -156,7 +149,7 @@ def _runners(adapted: Any, base: nn.Module | None) -> tuple[Runner, Runner, nn.M
         if not isinstance(base, nn.Module):
             raise TypeError(f"base must be a torch model, got {type(base).__name__}")
         _check_compatible(base, hf)
-        return (lambda batch: hidden_states(base, {k: v.to(_device(base)) for k, v in batch.items()}),
+        return (lambda batch: hidden_states(base, {k: v.to(model_device(base)) for k, v in batch.items()}),
                 run_adapted, hf)
     if _is_reft(adapted):
         return (lambda batch: hidden_states(hf, batch)), run_adapted, hf  # reftkit hooks are inert here
@@ -180,11 +173,11 @@ def _paired_states(adapted: Any, tokenizer: Any, prompts: Sequence[str], base: n
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     run_base, run_adapted, hf = _runners(adapted, base)
-    _check_tokenizers(tokenizer, adapted_tokenizer, hf.get_input_embeddings().weight.shape[0])
+    _check_tokenizers(tokenizer, adapted_tokenizer, hf)
     if min(batch_size, len(prompts)) > 1 and getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) "
                          "or use batch_size=1")
-    device = _device(hf)
+    device = model_device(hf)
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="representations", disable=not progress or len(starts) < 2):
         enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)

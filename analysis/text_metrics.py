@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from .common import model_device
+
 # Han ideographs (+ extensions A-F, compatibility), kana, Hangul syllables/jamo, CJK punctuation
 # and full-width forms. Deliberately wider than sacrebleu's "zh" ranges: detection only decides
 # whether "zh" is needed, and ROUGE counts each of these letters as one token.
@@ -145,16 +147,6 @@ def text_scores(predictions: Sequence[str], references: Sequence[str] | Sequence
 
 # -- generation ----------------------------------------------------------------------------------
 
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    params = getattr(model, "parameters", None)
-    for param in (params() if params is not None else ()):
-        return param.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def generate_predictions(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
                          batch_size: int = 8, chat_template: bool = False, progress: bool = True,
@@ -181,7 +173,7 @@ def generate_predictions(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
     special = not chat_template
     lengths = [len(tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    device = _device(model)
+    device = model_device(model)
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     results: list[str] = [""] * len(texts)
     try:

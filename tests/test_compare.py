@@ -91,7 +91,7 @@ def test_bad_input_errors():
         compare(model, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["qlora"])
     small = tiny_llama()
     small.resize_token_embeddings(20)
-    with pytest.raises(ValueError, match="tokenizer has .* tokens but LlamaForCausalLM embeds only 20"):
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's input embedding has 20 rows \\(LlamaForCausalLM\\)"):
         compare(small, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["base"])
     with pytest.raises(ValueError, match="labels must be unique"):
         compare(model, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["lora", "lora"])

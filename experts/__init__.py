@@ -1,0 +1,28 @@
+"""Many tasks, one frozen model (installed as ``reftkit.experts``): libraries of trained experts,
+mixing them, dispatching requests to them (Transformer²'s three strategies) and the objectives
+that train them beyond next-token cross entropy.
+
+Names load on first use, so ``import reftkit.experts`` imports neither peft nor matplotlib.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reftkit.experts' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_WHERE))
+
+
+__all__ = sorted(_WHERE)

@@ -10,6 +10,15 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "library": ("ExpertLibrary", "ExpertError"),
+    "routing": ("ExpertRouter", "mixing_matrix", "mix_parameters"),
+    "search": ("cem", "CEMResult"),
+    "dispatch": ("prompt_dispatch", "train_dispatch_expert", "expert_dispatch", "few_shot_weights",
+                 "two_pass_generate", "dispatch_prompts", "DISPATCH_TEMPLATE"),
+    "train": ("train_expert",),
+    "scoring": ("answer_scores",),
+    "policy_gradient": ("CompletionLogprobs", "check_rewards", "completion_logprobs", "policy_gradient_step",
+                        "reinforce_loss", "shape_rewards", "train_policy_gradient"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -7,18 +7,20 @@ names are aliases of the same classes, so their code ports by changing imports.
 
 Families, one module each: ``reft`` (LoReFT and relatives), ``interpret`` (interchange, steering,
 ablation, collection, DAS, noise), ``scaling`` (IA3), ``adapters`` (bottleneck adapters,
-AdapterFusion). A module lists its classes in ``FAMILY`` and its peer names in ``ALIASES``.
+AdapterFusion), ``mixture`` (output mixing of experts). A module lists its classes in ``FAMILY`` and its peer names in ``ALIASES``.
 """
 from __future__ import annotations
 
 from . import adapters as _adapters
 from . import interpret as _interpret
+from . import mixture as _mixture
 from . import scaling as _scaling
 from .base import Intervention, InterventionError
 from .reft import REFT_FAMILY, ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT, NoReFT, Orthonormal
 
 INTERVENTIONS: dict[str, type[Intervention]] = {
-    cls.name: cls for family in (REFT_FAMILY, _interpret.FAMILY, _scaling.FAMILY, _adapters.FAMILY) for cls in family}
+    cls.name: cls for family in (REFT_FAMILY, _interpret.FAMILY, _scaling.FAMILY, _adapters.FAMILY, _mixture.FAMILY)
+    for cls in family}
 
 # pyreft 0.1.0 names
 LoreftIntervention = LoReFT

@@ -35,6 +35,13 @@ class Intervention(nn.Module):
     uses_subspaces: ClassVar[bool] = False
     #: the hook manager records the rows this intervention sees (``reftkit.interventions.Collect``)
     collects: ClassVar[bool] = False
+    #: how experts of this class combine (``reftkit.experts``): ``"outputs"`` mixes their edits,
+    #: ``h + Σ α_k (f_k(h) − h)``, which is meaningful for any intervention; ``"parameters"`` averages
+    #: the weights, ``θ = Σ α_k θ_k``, offered only where the output is linear in the parameters and the
+    #: parameters of independently trained experts share one coordinate system (IA3's per-coordinate
+    #: scales). Never for rotations: a weighted sum of orthonormal R is not orthonormal, and two experts'
+    #: R span unrelated subspaces, so their average describes neither.
+    mixing: ClassVar[str] = "outputs"
     #: the argument names ``__init__`` accepts besides ``embed_dim`` (filled by ``__init_subclass__``)
     arguments: ClassVar[tuple[str, ...]] = ()
 

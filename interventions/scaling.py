@@ -36,6 +36,7 @@ class IA3(Intervention):
     """
 
     name = "ia3"
+    mixing = "parameters"  # Σ α_k (l_k ⊙ h) = (Σ α_k l_k) ⊙ h: a mixture of IA3 experts is an IA3 expert
 
     def __init__(self, embed_dim: int | None = None, init_ia3_weights: bool = True) -> None:
         if not isinstance(init_ia3_weights, bool):

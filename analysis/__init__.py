@@ -24,6 +24,8 @@ _EXPORTS = {
     "patching": ("mean_activation", "steering_vector", "activation_patching", "plot_patching"),
     "text_metrics": ("bleu4", "rouge", "exact_match", "text_scores", "generate_predictions",
                      "evaluate_generation", "generation_scores"),
+    "prompt_ensemble": ("PromptEnsembleModel", "get_prompt_ensemble", "ensemble_rank_classify", "majority_vote",
+                        "EnsemblePrediction"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -16,8 +16,15 @@ choice (``correct`` ``[B]``):
 
 T-Few trains on ``L_LM + L_UL + L_LN``. Both losses are means over the batch (L_UL over all incorrect
 tokens of the batch, as the paper's normalisation by their count).
+
+On a model: :func:`choice_token_logprobs` gives ``token_logprobs`` for a multiple-choice batch
+(:mod:`reftkit.choice_data`) with vocabulary logits for the choice tokens only; :func:`tfew_loss` weighs
+the three terms; :func:`multiple_choice_loss` is both, what ``ReftTrainer(loss_terms=...)`` trains on.
 """
 from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -55,3 +62,160 @@ def length_normalized_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, cor
     _check(token_logprobs, mask, correct)
     beta = (token_logprobs * mask).sum(-1) / mask.sum(-1)
     return torch.nn.functional.cross_entropy(beta, correct)
+
+
+# -- the full T-Few objective over a multiple-choice batch (reftkit.choice_data) ----------------------------
+#: T-Few's terms: L_LM (``lm``), L_UL (``ul``), L_LN (``ln``); the paper trains on their plain sum.
+TFEW_TERMS = ("lm", "ul", "ln")
+TFEW_WEIGHTS = {"lm": 1.0, "ul": 1.0, "ln": 1.0}
+
+
+def check_loss_terms(terms: Mapping[str, float] | Sequence[str] | None) -> dict[str, float]:
+    """Weights of :data:`TFEW_TERMS` from ``{"lm": 1.0, "ln": 0.5}`` (terms not named weigh 0) or a list of
+    names (weight 1 each); ``None`` gives T-Few's ``1 / 1 / 1``."""
+    if terms is None:
+        return dict(TFEW_WEIGHTS)
+    if isinstance(terms, str):
+        terms = [terms]
+    given = dict(terms) if isinstance(terms, Mapping) else {name: 1.0 for name in terms}
+    unknown = [name for name in given if name not in TFEW_TERMS]
+    if unknown:
+        raise ValueError(f"loss_terms has unknown term {unknown[0]!r}; the terms are {TFEW_TERMS} "
+                         "(L_LM, unlikelihood L_UL, length-normalised L_LN)")
+    weights = {name: 0.0 for name in TFEW_TERMS}
+    for name, weight in given.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"loss_terms[{name!r}]={weight!r}; a weight is a finite number >= 0")
+        weights[name] = float(weight)
+    if not any(weights.values()):
+        raise ValueError(f"loss_terms={given!r} weighs every term 0: nothing would be trained")
+    return weights
+
+
+def tfew_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
+              choice_mask: torch.Tensor | None = None,
+              weights: Mapping[str, float] | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """``loss = w_lm·L_LM + w_ul·L_UL + w_ln·L_LN`` (T-Few, §3.2; default weights 1 / 1 / 1), with the parts.
+
+    ``L_LM = −Σ_b Σ_t log p(y⁽ᵇ⁾_t | x⁽ᵇ⁾, y⁽ᵇ⁾_<t) / Σ_b T(y⁽ᵇ⁾)`` over the correct choices' tokens (the token
+    mean a Hugging Face LM loss with those labels gives, as T-Few's code computes it); L_UL and L_LN are
+    :func:`unlikelihood_loss` and :func:`length_normalized_loss`. ``choice_mask`` ``[B, C]`` marks the real
+    choices of examples with fewer than C (a prefix of each row, as the collator pads them): L_UL and L_LN
+    are computed per group of examples with the same number of choices and recombined exactly (L_UL
+    weighted by each group's incorrect tokens, L_LN by its examples). Returns ``{"loss", "lm", "ul", "ln",
+    "scores"}``, ``scores`` ``[B, C]`` the length-normalised β (``-inf`` for padded choices).
+    """
+    weights = check_loss_terms(weights)
+    mask = mask.bool()
+    batch, choices = token_logprobs.shape[:2]
+    counts = torch.full((batch,), choices, device=mask.device) if choice_mask is None else choice_mask.sum(1)
+    if choice_mask is not None:
+        prefix = torch.arange(choices, device=mask.device)[None, :] < counts[:, None]
+        if choice_mask.shape != (batch, choices) or not torch.equal(choice_mask.bool(), prefix):
+            raise ValueError(f"choice_mask must be [batch, choices]=[{batch}, {choices}] and mark a prefix of each "
+                             f"row (the real choices first), got shape {tuple(choice_mask.shape)}")
+        if bool((correct >= counts).any()):
+            b = int((correct >= counts).nonzero()[0, 0])
+            raise ValueError(f"correct[{b}]={int(correct[b])} but example {b} has {int(counts[b])} choices")
+    rows = torch.arange(batch, device=mask.device)
+    right, right_mask = token_logprobs[rows, correct], mask[rows, correct]
+    lm = -(right * right_mask).sum() / right_mask.sum().clamp_min(1)
+    ul_sum = token_logprobs.new_zeros(())
+    ln_sum = token_logprobs.new_zeros(())
+    wrong_tokens = 0
+    for n in counts.unique().tolist():  # one group per distinct choice count, not a loop over examples
+        group = counts == n
+        lp, m, c = token_logprobs[group, :n], mask[group, :n], correct[group]
+        wrong = m.sum() - m[torch.arange(len(c), device=m.device), c].sum()
+        ul_sum = ul_sum + unlikelihood_loss(lp, m, c) * wrong
+        ln_sum = ln_sum + length_normalized_loss(lp, m, c) * len(c)
+        wrong_tokens = wrong_tokens + wrong
+    ul = ul_sum / torch.as_tensor(wrong_tokens).clamp_min(1)
+    ln = ln_sum / batch
+    beta = (token_logprobs * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    scores = beta.masked_fill(torch.arange(choices, device=mask.device)[None, :] >= counts[:, None], float("-inf"))
+    loss = weights["lm"] * lm + weights["ul"] * ul + weights["ln"] * ln
+    return {"loss": loss, "lm": lm, "ul": ul, "ln": ln, "scores": scores}
+
+
+def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          choice_labels: torch.Tensor, choice_mask: torch.Tensor,
+                          intervention_locations: torch.Tensor | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_logprobs, mask)``, both ``[R·B, C, T]``: ``log p(y_t | x, y_<t)`` of each choice's tokens
+    under ``reft`` (a ReftModel, or a weight-space / prompt model with the same surface), from a batch of
+    :class:`reftkit.choice_data.MultipleChoiceDataCollator` (B·C rows).
+
+    As :func:`reftkit.training.causal_lm_loss`, only the rows predicting a choice token (``hidden[:, :-1]``
+    where ``choice_labels[:, 1:]`` is not -100) go through the LM head and a log-softmax; when
+    :func:`~reftkit.training.find_backbone_and_head` finds no trustworthy pair, the full forward runs and
+    the same rows of its logits are read. The interventions act at ``intervention_locations`` (the
+    prompt's positions), or, without them, at the config's positions resolved on the prompt alone (the
+    attention mask less the choice tokens), as rank classification does.
+
+    ``R`` is 1 except for a model whose forward returns R replicas of the batch, replica-major (a
+    :class:`reftkit.analysis.prompt_ensemble.PromptEnsembleModel`: row ``r·B + b`` is example ``b`` under
+    prompt ``r``). Logits longer than the input (virtual tokens in front) are read from the right.
+    """
+    from .call_inputs import CALL_INPUTS
+    from .training import find_backbone_and_head  # here: training imports this module
+
+    batch, choices = choice_mask.shape
+    if input_ids.shape[0] != batch * choices or choice_labels.shape != input_ids.shape:
+        raise ValueError(f"a multiple-choice batch has B·C rows: choice_mask is [{batch}, {choices}], input_ids "
+                         f"{tuple(input_ids.shape)}, choice_labels {tuple(choice_labels.shape)}")
+    given = [k for k in CALL_INPUTS if kwargs.get(k) is not None]
+    if given:  # per-example inputs would need repeating over the B·C rows; not supported here
+        raise ValueError(f"{given[0]}= is not supported with a multiple-choice batch")
+    kwargs = {k: v for k, v in kwargs.items() if k not in CALL_INPUTS}
+    real = (choice_labels[:, 1:] != -100).sum(1).view(batch, choices) > 0
+    if not torch.equal(real, choice_mask.to(real.device).bool()):
+        b, c = (int(i) for i in (real != choice_mask.to(real.device).bool()).nonzero()[0])
+        raise ValueError(f"choice_mask[{b}, {c}]={bool(choice_mask[b, c])} but choice_labels has "
+                         f"{'no' if not real[b, c] else 'some'} labelled tokens there")
+    width = input_ids.shape[1]
+    prompt_mask = None if attention_mask is None else attention_mask * (choice_labels == -100)
+    if prompt_mask is None and intervention_locations is None:
+        prompt_mask = (choice_labels == -100).long()
+    parts = find_backbone_and_head(reft)
+    with reft.intervening(input_ids, prompt_mask, intervention_locations, kwargs.get("inputs_embeds")):
+        if parts is None:
+            # no (backbone, head) pair matching the model's own forward: run it whole (costlier)
+            logits = reft.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -width:]
+        else:
+            backbone, head = parts
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+    states = logits if parts is None else hidden
+    replicas = states.shape[0] // input_ids.shape[0]
+    if replicas * input_ids.shape[0] != states.shape[0]:
+        raise ValueError(f"the model returned {states.shape[0]} rows for {input_ids.shape[0]} inputs")
+    targets = choice_labels[:, 1:].to(states.device).repeat(replicas, 1)
+    keep = targets != -100
+    rows = states[:, :-1][keep]  # [N, D] or [N, vocab]: only the rows that predict a choice token
+    rows = (rows if parts is None else parts[1](rows)).float().log_softmax(-1)
+    values = rows.gather(-1, targets[keep][:, None]).squeeze(-1)
+    # the j-th choice token of a row goes to slot j: out-of-place scatter, differentiable in `values`
+    lengths = keep.sum(1)
+    slot = keep.long().cumsum(1) - 1
+    where = keep.nonzero(as_tuple=True)
+    tokens = int(lengths.max()) if len(lengths) else 0
+    out = values.new_zeros((keep.shape[0], tokens)).index_put((where[0], slot[keep]), values)
+    token_mask = torch.arange(tokens, device=out.device)[None, :] < lengths[:, None]
+    return out.view(replicas * batch, choices, tokens), token_mask.view(replicas * batch, choices, tokens)
+
+
+def multiple_choice_loss(reft: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         choice_labels: torch.Tensor, choice_mask: torch.Tensor, correct: torch.Tensor,
+                         intervention_locations: torch.Tensor | None = None,
+                         weights: Mapping[str, float] | Sequence[str] | None = None,
+                         num_items_in_batch: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """T-Few's ``L_LM + L_UL + L_LN`` (weighted, :func:`tfew_loss`) of ``reft`` on a multiple-choice batch,
+    through :func:`choice_token_logprobs`. Every term is a mean over this batch, so
+    ``num_items_in_batch`` (Trainer's token count, which a multiple-choice batch does not produce) is not
+    used; a replicated model (R prompts) averages over its replicas. Returns :func:`tfew_loss`'s dict."""
+    token_logprobs, mask = choice_token_logprobs(reft, input_ids, attention_mask, choice_labels, choice_mask,
+                                                 intervention_locations, **kwargs)
+    replicas = token_logprobs.shape[0] // choice_mask.shape[0]
+    correct = correct.to(token_logprobs.device)
+    return tfew_loss(token_logprobs, mask, correct.repeat(replicas), choice_mask.to(mask.device).repeat(replicas, 1),
+                     weights)

@@ -5,6 +5,8 @@
   or a :class:`ReftForSequenceClassification` on classification batches (``labels`` ``[B]``).
 * The LM loss runs the backbone with the interventions active and applies the LM head only to the
   rows that carry a label (:func:`causal_lm_loss`): no ``[B, T, vocab]`` logits are ever built.
+* Multiple-choice batches (:mod:`reftkit.choice_data`, they carry ``correct``) train on T-Few's
+  ``L_LM + L_UL + L_LN`` (:func:`reftkit.objectives.multiple_choice_loss`), weighted by ``loss_terms``.
 * Checkpoints hold only what is trained (``reft.save_pretrained``: ``config.json`` +
   ``interventions.safetensors``, plus ``head.safetensors`` / ``head_config.json`` for a classifier)
   next to the optimizer, scheduler, RNG and trainer state that ``Trainer`` writes; resuming loads them.
@@ -33,6 +35,7 @@ from .call_inputs import CALL_INPUTS
 from .classifier import (HEAD_CONFIG, HEAD_WEIGHTS, POOLINGS,  # noqa: F401 (re-exported)
                          ReftForSequenceClassification, load_interventions)
 from .model import ReftModel
+from .objectives import TFEW_WEIGHTS, check_loss_terms, multiple_choice_loss
 
 logger = logging.get_logger(__name__)
 
@@ -157,10 +160,21 @@ class ReftTrainer(Trainer):
       every rank gathers just those tensors for the writer (rank 0), never the sharded base.
     * Refused: DeepSpeed, ``nn.DataParallel``, FSDP1 and FSDP's own activation checkpointing
       (:func:`reftkit.distributed.check_fsdp_plugin` says why).
+
+    ``loss_terms``: the weights of T-Few's terms for multiple-choice batches, e.g. ``{"lm": 1, "ul": 1,
+    "ln": 1}`` (the default) or ``("lm", "ln")`` (see :func:`reftkit.objectives.check_loss_terms`);
+    causal-LM batches keep the LM loss whatever it says. Evaluation of multiple-choice batches returns
+    the choices' length-normalised scores ``[B, C]`` as predictions and ``correct`` as labels.
     """
 
     def __init__(self, model: ReftModel | ReftForSequenceClassification,
-                 args: TrainingArguments | None = None, **kwargs: Any) -> None:
+                 args: TrainingArguments | None = None, *,
+                 loss_terms: dict[str, float] | tuple[str, ...] | list[str] | None = None, **kwargs: Any) -> None:
+        if loss_terms is not None and isinstance(model, ReftForSequenceClassification):
+            raise ValueError(f"loss_terms={loss_terms!r} weigh T-Few's losses over answer choices of a causal LM; a "
+                             "ReftForSequenceClassification trains on its head's cross entropy")
+        #: the T-Few term weights used on multiple-choice batches
+        self.loss_terms = check_loss_terms(loss_terms) if loss_terms is not None else dict(TFEW_WEIGHTS)
         # A weight-space baseline (reftkit.analysis.WeightSpaceModel) trains here too, with the same
         # loss and loop; it is recognised by its load_trained method (core does not import analysis).
         self.is_weight_space = hasattr(model, "load_trained") and hasattr(model, "label_only_loss")
@@ -211,8 +225,18 @@ class ReftTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        """LM: :func:`causal_lm_loss`; classifier: the head's cross entropy. Both are called through
-        ``model`` (possibly the DDP wrapper, or the FSDP2 root) so DDP / FSDP see the forward."""
+        """LM: :func:`causal_lm_loss`; multiple choice (the batch carries ``correct``): T-Few's
+        :func:`~reftkit.objectives.multiple_choice_loss` with ``loss_terms``; classifier: the head's cross
+        entropy. All are called through ``model`` (possibly the DDP wrapper, or the FSDP2 root) so DDP / FSDP
+        see the forward."""
+        multiple_choice = "correct" in inputs
+        if multiple_choice and self.is_classifier:
+            raise ValueError("a multiple-choice batch (it carries 'correct') was given to a "
+                             "ReftForSequenceClassification; T-Few's losses score answer choices with a causal LM "
+                             "(train a ReftModel)")
+        if multiple_choice and "labels" in inputs:
+            raise ValueError("a multiple-choice batch carries 'choice_labels' and 'correct', not 'labels' (its "
+                             "loss is a mean per batch, and Trainer would rescale it by a count of 'labels')")
         inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         if self.is_classifier:
             outputs = model(**inputs)
@@ -222,6 +246,8 @@ class ReftTrainer(Trainer):
             def forward(**kw: Any) -> dict[str, torch.Tensor]:
                 # keeps mixed precision: our forward replaces accelerate's autocast wrapper
                 with self.accelerator.autocast():
+                    if multiple_choice:
+                        return multiple_choice_loss(reft, **kw, weights=self.loss_terms)
                     return causal_lm_loss(reft, **kw)
 
             with _forward_replaced(reft, forward):
@@ -232,6 +258,19 @@ class ReftTrainer(Trainer):
             # the gradients over processes, so scale back up to get sum / global count exactly.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Any, Any, Any]:
+        """Multiple-choice batches: ``(loss, scores [B, C], correct [B])`` (their labels are not under
+        ``labels``, so ``Trainer`` would skip the loss); other batches as ``Trainer``."""
+        if "correct" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), outputs["scores"].detach(), inputs["correct"]
 
     # -- checkpoints --------------------------------------------------------------------------
     def _trained_modules(self, module: ReftModel | ReftForSequenceClassification) -> list[nn.Module]:

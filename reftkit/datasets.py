@@ -157,15 +157,8 @@ def _sentence(gloss: str) -> str:
     return gloss[:1].upper() + gloss[1:] + ("" if gloss.endswith((".", "!", "?")) else ".")
 
 
-def define_word_dataset(n_train: int = 1000, n_eval: int = 200, seed: int = 0, min_word_len: int = 3,
-                        pos: tuple[str, ...] = ("n", "v", "a", "r"), min_count: int = 0) -> dict[str, list[dict]]:
-    """Instruction pairs ``{prompt: "Define the word X.", response: <gloss sentence>, word, pos, synset}``.
-
-    Each word appears once, with its most frequent part of speech (SemCor ``count``; ties: order of
-    ``pos``); each synset is used once, so no gloss is shared between examples. ``eval`` words (and
-    glosses) never occur in ``train``. Deterministic given ``seed``; ``eval`` does not depend on
-    ``n_train``. ``min_count`` > 0 keeps only words tagged that often in SemCor (common words).
-    """
+def _word_pool(pos: tuple[str, ...], min_word_len: int, min_count: int) -> list[dict]:
+    """Each qualifying word once, with its most frequent part of speech; each synset once; sorted by word."""
     best: dict[str, dict] = {}
     for row in wordnet_glosses(pos):
         if len(row["word"]) < min_word_len or row["count"] < min_count:
@@ -178,6 +171,19 @@ def define_word_dataset(n_train: int = 1000, n_eval: int = 200, seed: int = 0, m
         if best[word]["synset"] not in used:
             used.add(best[word]["synset"])
             pool.append(best[word])
+    return pool
+
+
+def define_word_dataset(n_train: int = 1000, n_eval: int = 200, seed: int = 0, min_word_len: int = 3,
+                        pos: tuple[str, ...] = ("n", "v", "a", "r"), min_count: int = 0) -> dict[str, list[dict]]:
+    """Instruction pairs ``{prompt: "Define the word X.", response: <gloss sentence>, word, pos, synset}``.
+
+    Each word appears once, with its most frequent part of speech (SemCor ``count``; ties: order of
+    ``pos``); each synset is used once, so no gloss is shared between examples. ``eval`` words (and
+    glosses) never occur in ``train``. Deterministic given ``seed``; ``eval`` does not depend on
+    ``n_train``. ``min_count`` > 0 keeps only words tagged that often in SemCor (common words).
+    """
+    pool = _word_pool(pos, min_word_len, min_count)
     if n_train + n_eval > len(pool):
         raise ValueError(f"asked for {n_train} + {n_eval} words, only {len(pool)} qualify")
     random.Random(seed).shuffle(pool)
@@ -245,3 +251,60 @@ def labelled_texts(name: str = "rotten_tomatoes", eval_fraction: float = 0.2, se
     rng.shuffle(train)
     rng.shuffle(evals)
     return {"train": train, "eval": evals, "labels": labels}
+
+
+POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+
+
+def task_families(n_train: int = 300, n_eval: int = 100, seed: int = 0, max_words: int = 48) -> dict[str, dict]:
+    """Three short-answer task families from packaged data, for experts and dispatch:
+
+    * ``sentiment`` — a Rotten Tomatoes snippet → `` positive`` / `` negative``;
+    * ``topic`` — a BBC News article (first ``max_words`` words) → `` business`` / `` entertainment`` /
+      `` politics`` / `` sport`` / `` tech``;
+    * ``pos`` — a WordNet word → its most frequent part of speech, `` noun`` / `` verb`` / `` adjective`` /
+      `` adverb``.
+
+    Returns ``{task: {"train": [{prompt, answer}], "eval": [...], "labels": [str]}}``; answers carry
+    their leading space (they follow ``"Answer:"``). Sentiment and topic come from their own held-out
+    splits; POS from held-out words. Deterministic given ``seed``.
+    """
+    def trim(text: str) -> str:
+        words = text.split()
+        return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+
+    def take(rows: list[dict], n: int) -> list[dict]:
+        if len(rows) < n:
+            raise ValueError(f"asked for {n} examples, only {len(rows)} are available")
+        return rows[:n]
+
+    families: dict[str, dict] = {}
+    reviews = labelled_texts("rotten_tomatoes", seed=seed)
+    families["sentiment"] = {"labels": reviews["labels"], **{
+        split: [{"prompt": f"Review: {trim(r['text'])}\nIs this review positive or negative?\nAnswer:",
+                 "answer": " " + reviews["labels"][r["label"]]} for r in take(reviews[split], n)]
+        for split, n in (("train", n_train), ("eval", n_eval))}}
+    news = labelled_texts("bbc_news", seed=seed)
+    topics = ", ".join(news["labels"][:-1]) + " or " + news["labels"][-1]
+    families["topic"] = {"labels": news["labels"], **{
+        split: [{"prompt": f"Article: {trim(r['text'])}\nWhich topic is this article about: {topics}?\nAnswer:",
+                 "answer": " " + news["labels"][r["label"]]} for r in take(news[split], n)]
+        for split, n in (("train", n_train), ("eval", n_eval))}}
+    # common words (tagged in SemCor), as many of each part of speech (else 7 in 10 would be nouns)
+    by_pos: dict[str, list[dict]] = {}
+    for row in _word_pool(("n", "v", "a", "r"), 3, 1):
+        by_pos.setdefault(POS_NAMES[row["pos"]], []).append(row)
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    for k, label in enumerate(("noun", "verb", "adjective", "adverb")):
+        rows = sorted(by_pos[label], key=lambda r: r["word"])
+        rng.shuffle(rows)
+        quota = {split: n // 4 + (k < n % 4) for split, n in (("eval", n_eval), ("train", n_train))}
+        splits["eval"] += take(rows, quota["eval"])
+        splits["train"] += take(rows[quota["eval"]:], quota["train"])
+    for rows in splits.values():
+        rng.shuffle(rows)
+    families["pos"] = {"labels": ["noun", "verb", "adjective", "adverb"], **{
+        split: [{"prompt": f"Word: {r['word']}\nIs this word a noun, a verb, an adjective or an adverb?\nAnswer:",
+                 "answer": " " + POS_NAMES[r["pos"]]} for r in rows] for split, rows in splits.items()}}
+    return families

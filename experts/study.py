@@ -53,10 +53,14 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
                    config: Any, *, other_prompts: Sequence[str] = (), epochs: float = 1.0,
                    learning_rate: float = 4e-3, batch_size: int = 8, shots: int = 8, population: int = 32,
                    elite_ratio: float = 0.2, iterations: int = 50, max_new_tokens: int = 3, seed: int = 0,
-                   progress: bool = True) -> StudyResult:
+                   library: ExpertLibrary | None = None, dispatcher: Any = None,
+                   few_shot: Mapping[str, Sequence[float]] | None = None, progress: bool = True) -> StudyResult:
     """Run the study on ``families`` (``{task: {"train": [{prompt, answer}], "eval": [...]}}``, e.g.
     :func:`reftkit.datasets.task_families`); ``config`` is every expert's ReftConfig; ``other_prompts``
-    belong to no task and count towards routing accuracy only. The model is left as it was given."""
+    belong to no task: the second half trains the classification expert's "other", the first half counts
+    towards routing accuracy. ``library`` (one expert per task, named after it), ``dispatcher`` (a trained
+    dispatch ReftModel, left attached) and ``few_shot`` (weights per task) reuse earlier work instead of
+    training or searching again. The model is left as it was given."""
     from tqdm.auto import tqdm
 
     tasks = list(families)
@@ -68,9 +72,12 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
                "progress": False}
     steps = tqdm(total=len(tasks) * 2 + 3, desc="study", disable=not progress)
 
-    library = ExpertLibrary()
     seconds: dict[str, float] = {}
-    for task in tasks:
+    trained_here = library is None
+    if library is not None and sorted(library.names) != sorted(tasks):
+        raise ValueError(f"library has experts {library.names}; the study needs one per task {tasks}")
+    library = ExpertLibrary() if library is None else library
+    for task in tasks if trained_here else ():
         start = time.perf_counter()
         reft = train_expert(model, tokenizer, [r["prompt"] for r in train[task]], [r["answer"] for r in train[task]],
                             config, **options)
@@ -86,10 +93,12 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
     dispatcher_prompts = [r["prompt"] for r in mixed_rows] + list(other_prompts[len(other_prompts) // 2:])
     by_prompt = {r["prompt"]: t for t in tasks for r in train[t]}
     dispatcher_labels = [by_prompt.get(p) for p in dispatcher_prompts]
-    dispatcher = train_dispatch_expert(model, tokenizer, dispatcher_prompts, dispatcher_labels, tasks, **options)
+    own_dispatcher = dispatcher is None
+    if own_dispatcher:
+        dispatcher = train_dispatch_expert(model, tokenizer, dispatcher_prompts, dispatcher_labels, tasks, **options)
     steps.update()
-    weights: dict[str, list[float]] = {}
-    for task in tasks:
+    weights: dict[str, list[float]] = {t: list(w) for t, w in (few_shot or {}).items()}
+    for task in [t for t in tasks if t not in weights]:
         examples = train[task][:shots]
         result = few_shot_weights(library, model, tokenizer, [r["prompt"] for r in examples],
                                   [r["answer"] for r in examples], population=population, elite_ratio=elite_ratio,
@@ -125,7 +134,8 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
     steps.close()
     router.detach()
     multi.detach()
-    dispatcher.detach()
+    if own_dispatcher:
+        dispatcher.detach()
 
     labels = [first_word(row["answer"]) for _, row in held_out]
     records, table = [], []

@@ -18,6 +18,8 @@ SMALL = {
     "05_reft_vs_lora.ipynb": "N_TRAIN = 8\nN_EVAL = 2\nEPOCHS = 1\nMAX_NEW_TOKENS = 4\nTHREADS = 1\n"
                              "METHODS = ['base', 'loreft', 'direft', 'lora', 'ia3', 'svf', 'prompt_tuning', "
                              "'p_tuning_v2', 'prefix_tuning', 'p_tuning', 'fpft']\n",
+    "06_experts_and_dispatch.ipynb": "N_TRAIN = 8\nN_EVAL = 2\nN_OTHER = 4\nEPOCHS = 1\nSHOTS = 2\n"
+                                     "POPULATION = 5\nITERATIONS = 1\nTHREADS = 1\n",
 }
 
 

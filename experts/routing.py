@@ -177,7 +177,7 @@ class ExpertRouter:
                     for k, expert in enumerate(experts):
                         state[f"{slot.key}.members.{k}.{rest}"] = expert[name]
             if not isinstance(target, str) and self._mode(key) == "outputs":
-                slot.intervention.set_weights(target[self.library.keys.index(key)])
+                state[f"{slot.key}.weights"] = target[self.library.keys.index(key)].clone()
         return state
 
     # -- SVF: z per route ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ orthonormal rows is not orthonormal. What stays meaningful is the sum of the exp
 
 computed in the second form: with ``α = e_j`` it is ``0·h + f_j(h) + Σ 0·f_k(h)``, bit-identical to
 expert ``j`` (adding exact zeros changes nothing), and with ``α = 0`` it is the base model.
-The weights ``α`` are plain data (``weights``), kept in ``config.json`` with the members' arguments.
+The weights ``α`` are a buffer saved with the members' tensors (a search may change them after
+construction); ``config.json`` records them too, with the members' arguments.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ class Mixture(Intervention):
             args = {k: v for k, v in member.items() if k not in ("intervention", "embed_dim")}
             built.append(get_intervention_class(member["intervention"])(**args).materialize(embed_dim))
         self.members = nn.ModuleList(built)
-        # not in the state dict: the weights live in config.json (hparams), the members' tensors in safetensors
-        self.register_buffer("weights", torch.tensor(self.hparams["weights"], dtype=torch.float32), persistent=False)
+        # in the state dict, so a saved model keeps the weights set after construction (few-shot search)
+        self.register_buffer("weights", torch.tensor(self.hparams["weights"], dtype=torch.float32))
 
     def set_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
         """Replace ``α`` (one float per member)."""
@@ -67,6 +68,10 @@ class Mixture(Intervention):
         self.hparams["weights"] = values
         if self.is_materialized:
             self.weights.copy_(torch.tensor(values, dtype=torch.float32))
+
+    def config(self) -> dict[str, Any]:
+        current = self.weights.tolist() if self.is_materialized else self.hparams["weights"]
+        return {**super().config(), "weights": current}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.float()

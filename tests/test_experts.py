@@ -291,3 +291,21 @@ def test_classification_expert_and_few_shot_and_two_pass():
     table = two_pass_generate(router, tok, shots, lambda p: ["shots"] * len(p), max_new_tokens=1)
     assert [" " + t for t in table.completion] == answers and list(table.route) == ["shots"] * 4
     router.detach()
+
+
+def test_mixture_saves_with_its_weights_and_refuses_bad_members(tmp_path):
+    model = tiny_llama()
+    ids, mask = _batch()
+    router = ExpertRouter(model, _library(model), {"mix": torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.0, 0.4]])})
+    expected = _logits(router.reft, ids, mask, tasks=["mix"] * 4)
+    router.reft.save_pretrained(tmp_path / "routed")
+    router.detach()
+    again = reftkit.ReftModel.from_pretrained(tiny_llama(), tmp_path / "routed")
+    assert torch.equal(_logits(again, ids, mask, tasks=["mix"] * 4), expected)
+    assert [iv.config()["weights"] for iv in again.interventions.values()] == [
+        pytest.approx([0.2, 0.3, 0.5]), pytest.approx([0.6, 0.0, 0.4])]
+    from reftkit.interventions import InterventionError
+    with pytest.raises(InterventionError, match="reads a source run"):
+        Mixture(members=[{"intervention": "interchange"}])
+    with pytest.raises(InterventionError, match="2 finite numbers"):
+        Mixture(members=[{"intervention": "loreft"}] * 2, weights=[1.0, float("nan")])

@@ -87,6 +87,13 @@ def test_rank_classify_and_accuracy():
     scores = choice_logprobs(model, tok, PROMPTS, CHOICES)
     picked = rank_classify(model, tok, PROMPTS, CHOICES)
     assert picked == [max(range(len(s)), key=lambda k: s[k]) for s in scores]
+    # the lowest length-normalised NLL, from the hand computation (not from choice_logprobs)
+    nll = [[-reference(model, tok, p, c, True) for c in cs] for p, cs in zip(PROMPTS, CHOICES)]
+    assert picked == [min(range(len(n)), key=lambda k: n[k]) for n in nll]
+    summed = rank_classify(model, tok, PROMPTS, CHOICES, length_normalised=False)
+    assert summed == [max(range(len(cs)), key=lambda k: reference(model, tok, p, cs[k], False))
+                      for p, cs in zip(PROMPTS, CHOICES)]
+    assert picked != summed  # length normalisation changes a pick here, so the test tells them apart
     assert accuracy(picked, picked) == 1.0
     assert accuracy([0, 1, 2, 0], [0, 1, 0, 1]) == 0.5
     with pytest.raises(ValueError):

@@ -145,10 +145,9 @@ class ExpertLibrary:
     def _check_match(self, name: str, kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         if kind != self.kind:
             raise ExpertError(f"expert {name!r} is a {kind!r} expert; this library holds {self.kind!r} experts")
-        for field in sorted(set(config) | set(self.config)):
-            if config.get(field) != self.config.get(field):
-                raise ExpertError(f"expert {name!r} differs from the library in {field}: {config.get(field)!r} vs "
-                                  f"{self.config.get(field)!r}; all experts of a library share one shape")
+        for field, (mine, theirs) in _differences(config, self.config).items():
+            raise ExpertError(f"expert {name!r} differs from the library in {field}: {mine!r} vs {theirs!r}; all "
+                              "experts of a library share one shape")
         self._check_tensors(name, tensors)
 
     def _check_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -231,6 +230,21 @@ class ExpertLibrary:
 
     def __repr__(self) -> str:
         return f"ExpertLibrary(kind={self.kind!r}, experts={self.names})"
+
+
+def _differences(a: Any, b: Any, where: str = "") -> dict[str, tuple[Any, Any]]:
+    """The leaves where two JSON-like values differ, by dotted path (``reft_config.representations[0].layer``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in list(a) + [k for k in b if k not in a]:
+            out.update(_differences(a.get(key), b.get(key), f"{where}.{key}" if where else str(key)))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
+        out = {}
+        for i, (x, y) in enumerate(zip(a, b)):
+            out.update(_differences(x, y, f"{where}[{i}]"))
+        return out
+    return {} if a == b else {where: (a, b)}
 
 
 def set_svf(model: nn.Module, library: ExpertLibrary, tensors: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:

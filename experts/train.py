@@ -29,6 +29,7 @@ def train_expert(model: nn.Module, tokenizer: Any, inputs: Sequence[str], output
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(**{
             "output_dir": out, "report_to": [], "save_strategy": "no", "logging_steps": 10,
+            "logging_strategy": "steps" if progress else "no",
             "num_train_epochs": epochs, "learning_rate": learning_rate, "per_device_train_batch_size": batch_size,
             "lr_scheduler_type": "linear", "warmup_steps": 0, "seed": seed, "disable_tqdm": not progress,
             "use_cpu": not torch.cuda.is_available(), **(training or {})})

@@ -185,7 +185,7 @@ def test_bad_input_is_named():
     model = tiny_llama()
     library = _library(model)
     other = _perturbed(model, {**LOREFT, "low_rank_dimension": 3}, seed=9)
-    with pytest.raises(ExpertError, match="low_rank_dimension"):
+    with pytest.raises(ExpertError, match=r"reft_config.representations\[0\].low_rank_dimension: 3 vs 2"):
         library.add("wide", other)
     other.detach()
     with pytest.raises(ExpertError, match="shape"):

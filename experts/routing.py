@@ -149,7 +149,9 @@ class ExpertRouter:
                 entries.append(entry)
         return entries
 
-    def _route_state(self, route: str) -> dict[str, torch.Tensor]:
+    def _route_state(self, route: str, members: bool = True) -> dict[str, torch.Tensor]:
+        """The route's tensors by state-dict name; ``members=False`` leaves out the output mixtures' members
+        (unchanged when only the weights change)."""
         target = self.routes[route]
         slots = self._route_slots[route]
         if len(slots) != len(self.library.keys):
@@ -173,7 +175,7 @@ class ExpertRouter:
                     state[f"{slot.key}.{rest}"] = self.library.experts[target][name]
                 elif self._mode(key) == "parameters":
                     state[f"{slot.key}.{rest}"] = mixed[name]
-                else:
+                elif members:
                     for k, expert in enumerate(experts):
                         state[f"{slot.key}.members.{k}.{rest}"] = expert[name]
             if not isinstance(target, str) and self._mode(key) == "outputs":
@@ -198,7 +200,7 @@ class ExpertRouter:
         if self.reft is None:
             self._svf[route] = self._svf_tensors(route)
             return
-        state = self._route_state(route)
+        state = self._route_state(route, members=False)
         with torch.no_grad():
             own = self.reft.interventions.state_dict()
             for name, tensor in state.items():

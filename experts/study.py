@@ -36,12 +36,14 @@ STRATEGIES = ("base", "multi-task", "oracle", "prompt", "classifier", "few-shot"
 @dataclass
 class StudyResult:
     """``table``: one row per strategy; ``predictions``: one row per held-out prompt and strategy;
-    ``library``: the trained experts; ``few_shot``: the CEM weights found per task."""
+    ``library``: the trained experts; ``few_shot``: the CEM weights found per task; ``seconds``: wall time of
+    each step (training, few-shot search, dispatch, generation)."""
 
     table: pd.DataFrame
     predictions: pd.DataFrame
     library: ExpertLibrary
     few_shot: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def first_word(text: str) -> str:
@@ -87,23 +89,29 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
         steps.update()
     mixed_rows = [row for task in tasks for row in train[task]]
     random.Random(seed).shuffle(mixed_rows)
+    start = time.perf_counter()
     multi = train_expert(model, tokenizer, [r["prompt"] for r in mixed_rows], [r["answer"] for r in mixed_rows],
                          config, **options)
+    seconds["train multi-task"] = time.perf_counter() - start
     steps.update()
     dispatcher_prompts = [r["prompt"] for r in mixed_rows] + list(other_prompts[len(other_prompts) // 2:])
     by_prompt = {r["prompt"]: t for t in tasks for r in train[t]}
     dispatcher_labels = [by_prompt.get(p) for p in dispatcher_prompts]
     own_dispatcher = dispatcher is None
     if own_dispatcher:
+        start = time.perf_counter()
         dispatcher = train_dispatch_expert(model, tokenizer, dispatcher_prompts, dispatcher_labels, tasks, **options)
+        seconds["train dispatcher"] = time.perf_counter() - start
     steps.update()
     weights: dict[str, list[float]] = {t: list(w) for t, w in (few_shot or {}).items()}
     for task in [t for t in tasks if t not in weights]:
         examples = train[task][:shots]
+        start = time.perf_counter()
         result = few_shot_weights(library, model, tokenizer, [r["prompt"] for r in examples],
                                   [r["answer"] for r in examples], population=population, elite_ratio=elite_ratio,
                                   iterations=iterations, seed=seed, progress=False)
         weights[task] = result.best.tolist()
+        seconds[f"few-shot search {task}"] = time.perf_counter() - start
         steps.update()
 
     router = ExpertRouter(model, library, {**{t: t for t in tasks}, **{f"{t}/few-shot": w for t, w in weights.items()}})
@@ -154,4 +162,4 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
         entry["generate_s"] = seconds[f"generate {name}"]
         table.append(entry)
     return StudyResult(table=pd.DataFrame(table), predictions=pd.DataFrame(records), library=library,
-                       few_shot=weights)
+                       few_shot=weights, seconds=seconds)

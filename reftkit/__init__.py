@@ -20,6 +20,12 @@ def __getattr__(name: str):
     if name in ("load_model", "smollm2_path", "minilm_path"):
         from . import embedded
         return getattr(embedded, name)
+    if name in ("ReftTrainer", "ReftForSequenceClassification"):  # imports transformers.Trainer / accelerate
+        from . import training
+        return getattr(training, name)
+    if name == "make_multiple_choice_data_module":
+        from .choice_data import make_multiple_choice_data_module
+        return make_multiple_choice_data_module
     raise AttributeError(f"module 'reftkit' has no attribute {name!r}")
 
 
@@ -28,5 +34,6 @@ __all__ = [
     "PositionError", "StructureError", "COMPONENTS", "Site", "resolve_site", "parse_positions",
     "load_model", "smollm2_path", "minilm_path", "DataError", "ReftDataCollator",
     "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
-    "make_classification_data_module",
+    "make_classification_data_module", "make_multiple_choice_data_module", "ReftTrainer",
+    "ReftForSequenceClassification",
 ]

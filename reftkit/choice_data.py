@@ -134,6 +134,8 @@ def _choice_dataset(tokenizer: Any, model: Any, prompts: Sequence[str], choices:
                     add_special_tokens: bool, max_length: int | None, prefix: str = "") -> MultipleChoiceDataset:
     from .model import ReftModel
 
+    if positions is None and hasattr(model, "load_trained") and not isinstance(model, ReftModel):
+        positions = "l1"  # a weight-space model or prompt ensemble ignores positions; any valid spec will do
     specs = _specs_for(model, positions, num_interventions, True)  # DataError when positions can't be known
     encoded = tokenize_choices(tokenizer, prompts, choices, correct, add_special_tokens=add_special_tokens,
                                max_length=_context_limit(tokenizer, model, max_length), prefix=prefix)
@@ -155,7 +157,8 @@ def make_multiple_choice_data_module(
         seed: int = 0) -> dict[str, Any]:
     """Multiple-choice examples for :class:`reftkit.ReftTrainer` with T-Few's losses (``loss_terms``).
 
-    ``positions=None`` takes each intervention's positions from the ReftModel's config; a string
+    ``positions=None`` takes each intervention's positions from the ReftModel's config (a weight-space
+    model or prompt ensemble, which ignores positions, gets placeholder ones); a string
     (``"l1"``, ``"f3+l3"``) applies to every intervention, as in the other data modules. Evaluation
     data: ``eval_prompts`` / ``eval_choices`` / ``eval_correct``, or ``eval_fraction`` of the examples
     held out (a seeded random split). Returns ``dict(train_dataset, eval_dataset, data_collator)``;

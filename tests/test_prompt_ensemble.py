@@ -210,3 +210,13 @@ def test_tfew_loss_of_an_ensemble_is_the_mean_over_its_prompts(tmp_path):
     with torch.no_grad():
         after = multiple_choice_loss(ensemble, **batch)["loss"]
     assert math.isfinite(after.item()) and after < both["loss"]
+
+
+def test_multiple_choice_data_needs_no_positions_for_an_ensemble():
+    import reftkit
+
+    assert reftkit.make_multiple_choice_data_module is make_multiple_choice_data_module
+    ensemble = get_prompt_ensemble(tiny_llama(), num_prompts=2, num_virtual_tokens=2)
+    module = make_multiple_choice_data_module(tiny_tokenizer(), ensemble, ["the cat"], [["yes", "no"]], [0])
+    batch = module["data_collator"]([module["train_dataset"][0]])
+    assert batch["input_ids"].shape[0] == 2 and batch["correct"].tolist() == [0]

@@ -92,8 +92,7 @@ def main(argv=None) -> int:
     text = section(result, args, seconds)
     print(text)
     if args.write:
-        result.table.to_csv(CSV, index=False)
-        result.predictions.to_csv(HERE / "experts_dispatch_predictions.csv", index=False)
+        result.table.to_csv(CSV, index=False)  # numbers only: the prompts are package data, not repo files
         write_section(BEGIN, END, text)
     return 0
 

@@ -5,8 +5,7 @@ Names load on first use, so ``import reftkit.analysis`` imports neither peft nor
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from reftkit.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "baselines": ("WeightSpaceModel", "get_weight_space_model", "WEIGHT_SPACE_METHODS", "PEFT_METHODS",
@@ -27,18 +26,4 @@ _EXPORTS = {
     "prompt_ensemble": ("PromptEnsembleModel", "get_prompt_ensemble", "ensemble_rank_classify", "majority_vote",
                         "EnsemblePrediction"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reftkit.analysis' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_WHERE))
-
-
-__all__ = sorted(_WHERE)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -6,8 +6,7 @@ Names load on first use, so ``import reftkit.experts`` imports neither peft nor 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from reftkit.lazy_exports import lazy_exports
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "library": ("ExpertLibrary", "ExpertError"),
@@ -20,18 +19,4 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "policy_gradient": ("CompletionLogprobs", "check_rewards", "completion_logprobs", "policy_gradient_step",
                         "reinforce_loss", "shape_rewards", "train_policy_gradient"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reftkit.experts' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_WHERE))
-
-
-__all__ = sorted(_WHERE)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

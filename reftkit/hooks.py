@@ -223,6 +223,13 @@ class HookManager:
                 # [B, r] -> [B, 1, ..., r], broadcast over the positions (and heads) of each row
                 kwargs["subspaces"] = None if subspace is None else \
                     subspace.view(subspace.shape[0], *([1] * (rows.dim() - 2)), subspace.shape[-1])
+            device = rows.device.type
+            if torch.is_autocast_enabled(device):
+                # Under bf16/fp16 autocast (Trainer's bf16=True) the intervention keeps its own float32
+                # arithmetic: autocast would otherwise run its matmuls in half precision, and R's QR and
+                # the low-rank edit are the parts that precision hurts. The base model stays autocast.
+                with torch.autocast(device, enabled=False):
+                    return iv(rows, **kwargs)
             return iv(rows, **kwargs)
 
         if heads is None:

@@ -92,10 +92,8 @@ class CallState:
             routed = {k: on_host[:, k].nonzero().flatten().tolist() for k in range(on_host.shape[1])
                       if not bool(on_host[:, k].all())}
         valid = locations >= 0
-        # The fast path needs a host-side answer; on an accelerator that is a device sync per call,
-        # so there the masked path (correct for any mask) is used instead.
-        all_valid = bool(valid.all()) if locations.device.type == "cpu" else False
-        return cls(locations=locations, valid=valid, all_valid=all_valid, batch=locations.shape[0], routed=routed)
+        return cls(locations=locations, valid=valid, all_valid=known_all_valid(valid), batch=locations.shape[0],
+                   routed=routed)
 
     def _index(self, key: Any, rows: list[int], batch: int) -> torch.Tensor:
         """``rows`` of the located batch as an index into a ``batch``-row hidden state (generate's
@@ -131,6 +129,15 @@ class CallState:
     def subspace_for(self, slot: int, batch: int) -> torch.Tensor | None:
         mask = self.subspaces.get(slot)
         return None if mask is None else self._repeat(mask, batch)
+
+
+def known_all_valid(valid: torch.Tensor) -> bool:
+    """Whether every slot of ``valid`` is filled, where that answer is free: on CPU, in eager mode.
+
+    ``edit_rows``'s fast path needs it on the host. On an accelerator reading it is a device sync per
+    call, and inside ``torch.compile`` a graph break (a host read of a traced tensor), so both take the
+    masked path instead, which is correct for any mask."""
+    return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
 
 
 def gather_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -273,7 +280,10 @@ class HookManager:
             return self._call(slot, None, subspace)(part)
         idx, valid = state.rows_for(slot.index, batch)
         idx, valid = pick(idx), pick(valid)
-        all_valid = state.all_valid if rows is None else (valid.device.type == "cpu" and bool(valid.all()))
+        # Compiled, the state's host flag would become a guard: a batch with a short example (an empty
+        # slot) would recompile the whole model; the masked path serves both at the cost of a few [B, P] ops.
+        all_valid = (not torch.compiler.is_compiling() and state.all_valid) if rows is None \
+            else known_all_valid(valid)
         if slot.intervention.collects:
             found = torch.where(valid.unsqueeze(-1), gather_rows(part, idx), 0.0)
             if slot.site.heads is not None:  # [B, P, heads, head_dim]: the selected heads only
@@ -336,8 +346,7 @@ class HookManager:
         # each row keeps the positions of the one slot routed to it (the others are -1 there)
         idx = torch.stack([state.rows_for(slot.index, batch)[0] for slot, _ in members]).amax(0)
         valid = idx >= 0
-        all_valid = valid.device.type == "cpu" and bool(valid.all())
-        return edit_rows(part, idx, valid, all_valid, each_on_its_rows)
+        return edit_rows(part, idx, valid, known_all_valid(valid), each_on_its_rows)
 
     def _output_hook(self, units: list[list[Slot]]):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:

@@ -309,6 +309,28 @@ class ReftModel(nn.Module):
                 handle.remove()
             self._hooks.state = None
 
+    # -- compilation ----------------------------------------------------------------------
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the wrapped model in place, its intervention hooks traced into its graph
+        (arguments as for :meth:`torch.nn.Module.compile`, e.g. ``backend="inductor"``, ``dynamic=True``).
+
+        Why not ``nn.Module.compile`` of this wrapper: the per-call position work in :meth:`forward`
+        validates explicit locations on the host (a graph break each) for a handful of ``[B, P]`` ops,
+        and the calls that matter bypass the wrapper's forward anyway: :func:`reftkit.training.causal_lm_loss`
+        runs the backbone directly and :meth:`generate` calls the Hugging Face model. So both of those
+        are compiled (a call through the outer one inlines the inner one); positions stay eager and
+        reach the graph as tensors the hooks read, so new positions never recompile, a new sequence
+        length does once (then shapes go dynamic). Not so mixed-task batches (``tasks=``): their rows
+        are routed by host lists, so each distinct row-to-task assignment compiles its own graph.
+        """
+        self._check_live()
+        targets = [self.model]
+        inner = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if isinstance(inner, nn.Module) and inner is not self.model:
+            targets.append(inner)
+        for module in targets:
+            module.compile(*args, **kwargs)
+
     # -- bookkeeping ----------------------------------------------------------------------
     def _apply(self, fn: Any, recurse: bool = True) -> "ReftModel":
         super()._apply(fn, recurse)

@@ -36,6 +36,7 @@ from .classifier import (HEAD_CONFIG, HEAD_WEIGHTS, POOLINGS,  # noqa: F401 (re-
                          ReftForSequenceClassification, load_interventions)
 from .model import ReftModel
 from .objectives import TFEW_WEIGHTS, check_loss_terms, multiple_choice_loss
+from .prefix_cache import FrozenPrefixCache
 
 logger = logging.get_logger(__name__)
 
@@ -87,16 +88,22 @@ def find_backbone_and_head(reft: ReftModel) -> tuple[nn.Module, nn.Module] | Non
 
 def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None, intervention_locations: torch.Tensor | None = None,
-                   num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+                   num_items_in_batch: torch.Tensor | int | None = None,
+                   prefix_cache: FrozenPrefixCache | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Causal-LM cross entropy of ``reft`` on unshifted ``labels``, with vocabulary logits only for the
     labelled positions: ``hidden[:, :-1]`` rows whose ``labels[:, 1:]`` is not -100 are gathered and
     only they go through the head. Returns ``{"loss", "logits" [N, vocab] of those rows (row-major)}``.
 
     Reduction is HF's: ``sum / num_items_in_batch`` when given (gradient-accumulation correct), else
     the mean over labelled tokens (0, not NaN, when a batch has none).
+
+    ``prefix_cache``: a :class:`~reftkit.prefix_cache.FrozenPrefixCache` of this ``reft``; batches whose
+    examples it holds run only the layers from the earliest intervention on.
     """
     if labels is None:
         raise ValueError("causal_lm_loss needs labels ([batch, seq], -100 where unsupervised)")
+    if prefix_cache is not None and prefix_cache.reft is not reft:
+        raise ValueError("prefix_cache was built for another ReftModel; build one per model")
     parts = find_backbone_and_head(reft)
     call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}  # e.g. a mixed-task batch's "tasks"
     with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"), **call):
@@ -107,7 +114,21 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
                              num_items_in_batch=num_items_in_batch, **kwargs)
             return {"loss": out.loss, "logits": out.logits}
         backbone, head = parts
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+
+        def label_only(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _label_only_loss(hidden, head, labels, num_items_in_batch)
+
+        if prefix_cache is not None:
+            hidden = prefix_cache.hidden_states(input_ids, attention_mask, score=lambda h: label_only(h)[0],
+                                                **kwargs)
+        else:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+    loss, logits = label_only(hidden)
+    return {"loss": loss, "logits": logits}
+
+
+def _label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                     num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != -100
     rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
@@ -119,7 +140,7 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    return {"loss": loss, "logits": logits}
+    return loss, logits
 
 
 @contextlib.contextmanager
@@ -165,11 +186,17 @@ class ReftTrainer(Trainer):
     "ln": 1}`` (the default) or ``("lm", "ln")`` (see :func:`reftkit.objectives.check_loss_terms`);
     causal-LM batches keep the LM loss whatever it says. Evaluation of multiple-choice batches returns
     the choices' length-normalised scores ``[B, C]`` as predictions and ``correct`` as labels.
+
+    ``cache_frozen_prefix``: opt in to a :class:`~reftkit.prefix_cache.FrozenPrefixCache` for the training
+    LM batches (``True``: no byte limit; an int: ``max_bytes``), so that epochs after the first run only
+    the layers from the earliest intervention on. Evaluation and multiple-choice batches never use it.
+    Needs right-padded batches; refused for classifiers, weight-space baselines and FSDP.
     """
 
     def __init__(self, model: ReftModel | ReftForSequenceClassification,
                  args: TrainingArguments | None = None, *,
-                 loss_terms: dict[str, float] | tuple[str, ...] | list[str] | None = None, **kwargs: Any) -> None:
+                 loss_terms: dict[str, float] | tuple[str, ...] | list[str] | None = None,
+                 cache_frozen_prefix: bool | int = False, **kwargs: Any) -> None:
         if loss_terms is not None and isinstance(model, ReftForSequenceClassification):
             raise ValueError(f"loss_terms={loss_terms!r} weigh T-Few's losses over answer choices of a causal LM; a "
                              "ReftForSequenceClassification trains on its head's cross entropy")
@@ -219,6 +246,20 @@ class ReftTrainer(Trainer):
         # evaluation loop would believe the batches carry no labels and report no loss.
         if self.args.label_names is None:
             self.label_names = ["labels"]
+        self.prefix_cache = self._build_prefix_cache(model, cache_frozen_prefix)
+
+    def _build_prefix_cache(self, model: nn.Module, setting: bool | int) -> FrozenPrefixCache | None:
+        if setting is False or setting is None:
+            return None
+        if self.is_classifier or self.is_weight_space:
+            raise ValueError(f"cache_frozen_prefix={setting!r}: the prefix cache serves the causal-LM loss of a "
+                             f"ReftModel, not a {type(model).__name__}")
+        if self.is_fsdp_enabled or self.args.fsdp:
+            raise ValueError(f"cache_frozen_prefix={setting!r} with fsdp={self.args.fsdp!r}: sharded layers are "
+                             "gathered by the full forward, which the cached path skips; train without one of them")
+        if not isinstance(setting, (bool, int)) or (setting is not True and setting < 0):
+            raise ValueError(f"cache_frozen_prefix={setting!r}: give True (no byte limit) or a byte count >= 0")
+        return FrozenPrefixCache(model, max_bytes=None if setting is True else int(setting))
 
     def _reft_module(self, model: nn.Module | None = None) -> ReftModel | ReftForSequenceClassification:
         return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
@@ -248,7 +289,10 @@ class ReftTrainer(Trainer):
                 with self.accelerator.autocast():
                     if multiple_choice:
                         return multiple_choice_loss(reft, **kw, weights=self.loss_terms)
-                    return causal_lm_loss(reft, **kw)
+                    return causal_lm_loss(reft, **kw, prefix_cache=cache)
+
+            # training LM batches only: evaluation must not fill (or depend on) the cache
+            cache = self.prefix_cache if model.training and torch.is_grad_enabled() else None
 
             with _forward_replaced(reft, forward):
                 outputs = model(**inputs)

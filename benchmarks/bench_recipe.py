@@ -226,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker_main(*args.worker)
         return 0
+    summary, ratios, header = run(args)
+    if args.write:
+        write_results(summary, ratios, header)
+    return 0
+
+
+def run(args: argparse.Namespace):
+    """One measurement: ``(summary per variant, ratios against pyreft, header)`` as DataFrames."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -261,16 +269,14 @@ def main(argv: list[str] | None = None) -> int:
                                "train": base.train_s / row.train_s, "data": base.data_s / row.data_s,
                                "peak_rss": row.peak_rss_mb / base.peak_rss_mb})
         print(pd.DataFrame(ratios).to_string(index=False))
-    if args.write:
-        header = {"date": started, "load": (load_start, os.getloadavg()), "wall": time.perf_counter() - wall,
-                  "command": "python benchmarks/bench_recipe.py --write" + ("" if args.n_train == 1000 else
-                                                                             f" --n-train {args.n_train}")
-                  + (f" --threads {args.threads}" if args.threads else "")
-                  + (f" --repeats {args.repeats}" if args.repeats != 1 else "")
-                  + (f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else ""),
-                  "setup": setup, "software": dict(zip(df.variant, df.software))}
-        write_results(summary, pd.DataFrame(ratios), header)
-    return 0
+    header = {"date": started, "load": (load_start, os.getloadavg()), "wall": time.perf_counter() - wall,
+              "command": "python benchmarks/bench_recipe.py --write" + ("" if args.n_train == 1000 else
+                                                                         f" --n-train {args.n_train}")
+              + (f" --threads {args.threads}" if args.threads else "")
+              + (f" --repeats {args.repeats}" if args.repeats != 1 else "")
+              + (f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else ""),
+              "setup": setup, "software": dict(zip(df.variant, df.software))}
+    return summary, pd.DataFrame(ratios), header
 
 
 def write_results(summary, ratios, header: dict) -> None:

@@ -112,11 +112,18 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
     defaults = {"output_dir": str(out_dir / "checkpoints"), "report_to": [], "save_strategy": "no",
                 "logging_steps": 10, "use_cpu": not torch.cuda.is_available()}
     args = TrainingArguments(**{**defaults, **config.get("training", {})})
+    cache = config.get("cache_frozen_prefix", False)
+    if cache and task != "generation":
+        raise ValueError(f"cache_frozen_prefix={cache!r} serves the causal-LM loss (task: generation), not task={task!r}")
     trainer = ReftTrainer(model=trained, args=args, train_dataset=module["train_dataset"],
-                          data_collator=module["data_collator"])
+                          data_collator=module["data_collator"], **({"cache_frozen_prefix": cache} if cache else {}))
     start = time.perf_counter()
     trainer.train()
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    if trainer.prefix_cache is not None:
+        pc = trainer.prefix_cache
+        metrics["prefix_cache"] = {"layer": pc.layer, "hits": pc.hits, "misses": pc.misses,
+                                   "cached_steps": pc.cached_steps, "bytes": pc.nbytes}
     history = trainer.state.log_history
     # runs shorter than logging_steps log no step losses: fall back to the run's mean loss
     metrics["loss_curve"] = [(h["step"], h["loss"]) for h in history if "loss" in h] or \

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -70,3 +71,25 @@ def test_classification_recipe_on_minilm(tmp_path):
     assert len(metrics["loss_curve"]) == 6
     saved = {p.name for p in (tmp_path / "rt" / "interventions").iterdir()}
     assert {"interventions.safetensors", "head.safetensors"} <= saved
+
+
+def test_cache_frozen_prefix_in_a_recipe_changes_nothing_but_the_work(tmp_path):
+    """`cache_frozen_prefix: true` (interventions from layer 1 on): the same loss curve as without it."""
+    config = _setup(tmp_path)
+    curves = {}
+    for cache in (False, True):
+        settings = yaml.safe_load(config.read_text())
+        settings["representations"][0]["layer"] = [1, 2]
+        settings["output_dir"] = str(tmp_path / f"run_{cache}")
+        settings["cache_frozen_prefix"] = cache
+        settings["eval"]["before"] = False
+        path = tmp_path / f"config_{cache}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        assert main(["train", str(path), "--set", "training.num_train_epochs=3"]) == 0
+        metrics = json.loads((tmp_path / f"run_{cache}" / "metrics.json").read_text())
+        curves[cache] = [loss for _, loss in metrics["loss_curve"]]
+    # epochs 2 and 3 ran from the cache: 4 examples, one batch per epoch
+    assert metrics["prefix_cache"]["layer"] == 1 and metrics["prefix_cache"]["cached_steps"] == 2
+    assert metrics["prefix_cache"]["hits"] == 8 and metrics["prefix_cache"]["misses"] == 4
+    assert len(curves[True]) == 3 and curves[True][0] != curves[True][-1]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-5)

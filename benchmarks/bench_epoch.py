@@ -168,7 +168,7 @@ class Setup:
 
 
 def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, layers_override: int | None = None,
-            n: int | None = None) -> Setup:
+            n: int | None = None, layers: list[int] | None = None) -> Setup:
     import reftkit
     from reftkit.data import length_grouped_order
     from reftkit.structure import resolve_site
@@ -177,6 +177,8 @@ def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, l
     p = dict(PRESETS[size])
     if n:
         p["n"] = n
+    if layers:
+        p["layers"] = list(layers)
     if layers_override:  # a shortened model for a path check: intervene where the layers exist
         p["layers"] = sorted({min(layer, layers_override - 1) for layer in p["layers"]})
     model, pad = build_model(size, device, layers_override)
@@ -316,6 +318,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def one_epoch(s: Setup, name: str) -> float:
+    """Seconds of one epoch of variant ``name`` (device work included)."""
+    batches, step = s.steps[name]
+    gc.collect()
+    _sync(s.device)
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    _sync(s.device)
+    return time.perf_counter() - t0
+
+
 def run_epochs(s: Setup, rounds: int | None = None, warmup: int | None = None, pbar=None) -> dict[str, list[float]]:
     """Seconds per epoch for every variant, interleaved: each round runs every variant's epoch once."""
     rounds = s.p["rounds"] if rounds is None else rounds
@@ -326,34 +340,13 @@ def run_epochs(s: Setup, rounds: int | None = None, warmup: int | None = None, p
     for r in range(warmup + rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            batches, step = s.steps[name]
-            gc.collect()
-            _sync(s.device)
-            t0 = time.perf_counter()
-            for b in batches:
-                step(b)
-            _sync(s.device)
+            sec = one_epoch(s, name)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(sec)
             if pbar is not None:
-                pbar.set_postfix_str(f"{name} {time.perf_counter() - t0:.2f} s")
+                pbar.set_postfix_str(f"{name} {sec:.2f} s")
                 pbar.update(1)
     return times
-
-
-def run_epochs_of(s: Setup, name: str, rounds: int) -> list[float]:
-    """Seconds of ``rounds`` consecutive epochs of one variant (for a phase that cannot interleave)."""
-    batches, step = s.steps[name]
-    out = []
-    for _ in range(rounds):
-        gc.collect()
-        _sync(s.device)
-        t0 = time.perf_counter()
-        for b in batches:
-            step(b)
-        _sync(s.device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def peak_memory(s: Setup) -> dict[str, int]:

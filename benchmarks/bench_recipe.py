@@ -12,6 +12,9 @@ lr 2e-3 with linear decay and 10 warm-up steps, one epoch (125 steps), seed 0.
                     with the recipe's settings (``configs/wordnet_1k.yaml``: length-grouped batches)
   reftkit_shuffled  the same with plain shuffled batches, as pyreft samples them: separates what
                     length grouping buys from what the trainer and hooks buy
+  pyreft_bf16, reftkit_bf16
+                    the same two pipelines with ``TrainingArguments(bf16=True)`` (bf16 autocast on CPU;
+                    the model's weights stay float32 on both sides, like for like)
 
 Every variant runs in a fresh process (the same saved model folder and the same example strings),
 one after the other, in an order rotated per repeat; each reports the wall time of its phases, its
@@ -40,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core (parent side only: the pyreft
                                                            # worker imports nothing from it)
 PYREFT_PYTHON = os.environ.get("PYREFT_PYTHON", "/tmp/pyreft_golden_venv/bin/python")
-VARIANTS = ("pyreft", "reftkit", "reftkit_shuffled")
+VARIANTS = ("pyreft", "reftkit", "reftkit_shuffled", "pyreft_bf16", "reftkit_bf16")
 LAYERS, RANK = [8, 16, 24], 4
 TRAINING = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate=2e-3, lr_scheduler_type="linear",
                 warmup_steps=10, weight_decay=0.0, seed=0, logging_steps=10, save_strategy="no", report_to=[],
@@ -48,6 +51,14 @@ TRAINING = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS. ``VmHWM`` rather than ``ru_maxrss``: the latter survives ``exec``, so a
+    worker started by a large parent (the suite, with models loaded) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -90,7 +101,7 @@ def _load(workdir: Path, **dtype) -> tuple:
     return model, transformers.AutoTokenizer.from_pretrained(workdir / "model")
 
 
-def worker_pyreft(workdir: Path) -> dict:
+def worker_pyreft(workdir: Path, extra: dict) -> dict:
     import torch
     import transformers
     import pyreft
@@ -111,7 +122,7 @@ def worker_pyreft(workdir: Path) -> dict:
             nonstop=True)
 
     def build_trainer(model, tokenizer, module, collate):
-        args = transformers.TrainingArguments(output_dir=str(workdir / "out"), **TRAINING)
+        args = transformers.TrainingArguments(output_dir=str(workdir / "out"), **TRAINING, **extra)
         return pyreft.ReftTrainerForCausalLM(model=built["reft"], tokenizer=tokenizer, args=args,
                                              train_dataset=module["train_dataset"], data_collator=collate)
     built: dict = {}
@@ -121,7 +132,7 @@ def worker_pyreft(workdir: Path) -> dict:
     return out
 
 
-def worker_reftkit(workdir: Path, sampling: str) -> dict:
+def worker_reftkit(workdir: Path, sampling: str, extra: dict) -> dict:
     import torch
     import transformers
 
@@ -140,7 +151,7 @@ def worker_reftkit(workdir: Path, sampling: str) -> dict:
 
     def build_trainer(model, tokenizer, module, collate):
         args = transformers.TrainingArguments(output_dir=str(workdir / "out"), train_sampling_strategy=sampling,
-                                              **TRAINING)
+                                              **TRAINING, **extra)
         return ReftTrainer(model=built["reft"], args=args, train_dataset=module["train_dataset"],
                            data_collator=collate)
     built: dict = {}
@@ -151,10 +162,11 @@ def worker_reftkit(workdir: Path, sampling: str) -> dict:
 
 def worker_main(name: str, workdir: str) -> None:
     folder = Path(workdir)
-    if name == "pyreft":
-        out = worker_pyreft(folder)
+    extra = {"bf16": True} if name.endswith("_bf16") else {}
+    if name.startswith("pyreft"):
+        out = worker_pyreft(folder, extra)
     else:
-        out = worker_reftkit(folder, "group_by_length" if name == "reftkit" else "random")
+        out = worker_reftkit(folder, "random" if name == "reftkit_shuffled" else "group_by_length", extra)
     out["end_to_end_s"] = out["data_s"] + out["trainer_s"] + out["train_s"]
     out["peak_rss_mb"] = _peak_rss_mb()
     (folder / f"result_{name}.json").write_text(json.dumps(out))
@@ -194,11 +206,11 @@ def prepare(workdir: Path, n_train: int) -> dict:
 
 
 def run_variant(name: str, workdir: Path, threads: int | None = None) -> dict:
-    python = PYREFT_PYTHON if name == "pyreft" else sys.executable
+    python = PYREFT_PYTHON if name.startswith("pyreft") else sys.executable
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    if name != "pyreft":
+    if not name.startswith("pyreft"):
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     log = workdir / f"{name}.log"
     start = time.perf_counter()
@@ -260,14 +272,16 @@ def run(args: argparse.Namespace):
                                                   "labelled_tokens", "steps"]].median().reset_index()
     print(summary.to_string(index=False))
     ratios = []
-    if "pyreft" in variants:
-        base = summary.set_index("variant").loc["pyreft"]
-        for name in variants:
-            if name != "pyreft":
-                row = summary.set_index("variant").loc[name]
-                ratios.append({"ratio": f"pyreft / {name}", "end_to_end": base.end_to_end_s / row.end_to_end_s,
-                               "train": base.train_s / row.train_s, "data": base.data_s / row.data_s,
-                               "peak_rss": row.peak_rss_mb / base.peak_rss_mb})
+    table = summary.set_index("variant")
+    for name in variants:
+        ref = "pyreft_bf16" if name.endswith("_bf16") else "pyreft"
+        if name.startswith("pyreft") or ref not in table.index:
+            continue
+        base, row = table.loc[ref], table.loc[name]
+        ratios.append({"ratio": f"{ref} / {name}", "end_to_end": base.end_to_end_s / row.end_to_end_s,
+                       "train": base.train_s / row.train_s, "data": base.data_s / row.data_s,
+                       "peak_rss": row.peak_rss_mb / base.peak_rss_mb})
+    if ratios:
         print(pd.DataFrame(ratios).to_string(index=False))
     header = {"date": started, "load": (load_start, os.getloadavg()), "wall": time.perf_counter() - wall,
               "command": "python benchmarks/bench_recipe.py --write" + ("" if args.n_train == 1000 else
@@ -282,20 +296,23 @@ def run(args: argparse.Namespace):
 def write_results(summary, ratios, header: dict) -> None:
     from bench_core import cpu_model, md_table, write_section
 
-    begin, end = "<!-- bench_recipe:BEGIN -->", "<!-- bench_recipe:END -->"
+    names = list(summary["variant"])
+    key = "" if "pyreft" in names else " " + ",".join(names)  # a partial run keeps the full run's section
+    begin, end = f"<!-- bench_recipe:BEGIN{key} -->", f"<!-- bench_recipe:END{key} -->"
     (l1, l5, _), (e1, e5, _) = header["load"]
     ratio_lines = [f"- **{r.ratio}: {r.end_to_end:.2f}x end to end** (train loop {r.train:.2f}x, data module "
-                   f"{r.data:.2f}x); peak RSS {r.peak_rss:.2f}x pyreft's"
-                   + (f"; target >= 2x: {'met' if r.end_to_end >= 2 else 'not met'}" if r.ratio == "pyreft / reftkit"
-                      else "") for r in ratios.itertuples()]
+                   f"{r.data:.2f}x); peak RSS {r.peak_rss:.2f}x the reference's"
+                   + (f"; target >= 2x: {'met' if r.end_to_end >= 2 else 'not met'}"
+                      if r.ratio in ("pyreft / reftkit", "pyreft_bf16 / reftkit_bf16") else "")
+                   for r in ratios.itertuples()]
     section = "\n".join([
-        begin, "## bench_recipe: one epoch of the 1k WordNet recipe against pyreft", "",
+        begin, f"## bench_recipe{key}: one epoch of the 1k WordNet recipe against pyreft", "",
         f"- date: {header['date']}",
         f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads = {header['setup']['torch_threads']}; "
         f"load average (1/5 min) {l1:.2f} / {l5:.2f} (start), {e1:.2f} / {e5:.2f} (end)",
         "- software: " + "; ".join(f"{k}: {v}" for k, v in header["software"].items()),
         f"- command: `{header['command']}` (wall time {header['wall']:.0f} s)",
-        f"- task: SmolLM2-135M-Instruct float32, LoReFT r={RANK} at block_output of layers {LAYERS}, last prompt "
+        f"- task: SmolLM2-135M-Instruct float32 (`_bf16` variants: bf16 autocast), LoReFT r={RANK} at block_output of layers {LAYERS}, last prompt "
         f"token; {header['setup']['n_train']} WordNet examples (chat template), batch 8, one epoch, AdamW lr 2e-3",
         "", "Seconds, peak RSS (MB) and token counts per variant (median over repeats):", "",
         md_table(summary.round(3)), "", *ratio_lines, "",
@@ -306,7 +323,7 @@ def write_results(summary, ratios, header: dict) -> None:
         "- Where the gap comes from: pyreft computes vocabulary logits (49,152 wide) for every position and "
         "pads batches in random order; reftkit computes logits only for labelled positions and groups batches "
         "by length. What remains of reftkit's step is the frozen model's own forward and the backward down to "
-        "the first intervened layer (bench_core: reftkit / bare forward+backward = 0.88 on SmolLM2), so on this "
+        "the first intervened layer (bench_core: reftkit / bare_fwdbwd is below 1 on SmolLM2), so on this "
         "model a larger ratio cannot come from the library's overhead, which is about 1 % (reftkit / minimal hook).",
         "- Timings with 2 torch threads are unreliable here: when another process is busy, OpenMP threads wait "
         "on each other (a pyreft epoch took 873 s at 2 threads, 322 s at 1); hence `--threads 1`.", end])

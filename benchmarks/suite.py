@@ -82,7 +82,8 @@ def part_step(sizes: list[str], args) -> tuple:
 def part_epoch(size: str, args) -> tuple:
     from tqdm.auto import tqdm
     device = args.device
-    s = bench_epoch.prepare(size, device, layers_override=args.layers_override, n=args.n)
+    s = bench_epoch.prepare(size, device, variants=args.variants, layers_override=args.layers_override, n=args.n,
+                            layers=args.layers)
     checks = bench_epoch.check_agreement(s)
     peaks = bench_epoch.peak_memory(s)
     rounds, warmup = s.p["rounds"], s.p["warmup"]
@@ -93,27 +94,15 @@ def part_epoch(size: str, args) -> tuple:
     gen = bench_epoch.generation_times(s)
     if args.compile:
         # last, on its own: compiling is in place, so the other variants would run compiled too
-        _, step = s.steps["reftkit"]
-        s.use("reft")
         s.reft.train()
         s.reft.compile(backend="inductor", dynamic=True)
-        t0 = time.perf_counter()
-        for b in s.grouped:  # first epoch: compiles (once per new shape regime), then runs
-            step(b)
-        s.info["compile_epoch_s"] = time.perf_counter() - t0
-        epochs["reftkit_compiled"] = bench_epoch.run_epochs_of(s, "reftkit", rounds)
+        s.info["compile_epoch_s"] = bench_epoch.one_epoch(s, "reftkit")  # compiles once per shape regime, runs
+        epochs["reftkit_compiled"] = [bench_epoch.one_epoch(s, "reftkit") for _ in range(rounds)]
     table = bench_epoch.summarise(s, epochs, peaks, gen)
     extra = {}
     if size == "llama7b":
         # the recipe itself: every epoch of it, back to back, as a user would run it
-        _, step = s.steps["reftkit"]
-        bench_epoch._sync(device)
-        t0 = time.perf_counter()
-        for _ in tqdm(range(s.p["epochs"]), desc="llama7b recipe epochs"):
-            for b in s.grouped:
-                step(b)
-        bench_epoch._sync(device)
-        wall = time.perf_counter() - t0
+        wall = sum(bench_epoch.one_epoch(s, "reftkit") for _ in tqdm(range(s.p["epochs"]), desc="llama7b recipe"))
         flops = bench_epoch.training_flops(s) * s.p["epochs"]
         peak = bench_epoch.H100_BF16_DENSE_FLOPS if device == "cuda" else float("nan")
         extra = {"recipe_epochs": s.p["epochs"], "recipe_minutes": wall / 60, "mfu": flops / wall / peak,
@@ -123,7 +112,7 @@ def part_epoch(size: str, args) -> tuple:
     return s, table, checks, extra
 
 
-def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict):
+def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict, compile_s: dict | None = None):
     import pandas as pd
     rows = []
 
@@ -164,12 +153,15 @@ def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict):
                            ("reftkit_prefix_cache", "warm prefix cache / none (epoch)"),
                            ("reftkit_compiled", "torch.compile (inductor) / eager (epoch, not interleaved)")):
             if name in v.index:
-                add(size, what, v.loc[name, "vs_reftkit"])
+                add(size, what, v.loc[name, "vs_reftkit"],
+                    f"first epoch, compiling included: {compile_s[size]:.0f} s" if name == "reftkit_compiled" else "")
         add(size, "reftkit tokens/s (epoch)", v.loc["reftkit", "tokens_per_s"])
     if recipe_ratios is not None and len(recipe_ratios):
-        r = recipe_ratios[recipe_ratios.ratio == "pyreft / reftkit"]
-        if len(r):
-            add("smollm2", "pyreft / reftkit (recipe end to end)", float(r.end_to_end.iloc[0]), "bench_recipe, one epoch")
+        for r in recipe_ratios.itertuples(index=False):
+            if r.ratio in ("pyreft / reftkit", "pyreft_bf16 / reftkit_bf16"):
+                what = "pyreft / reftkit (recipe end to end)"
+                add("smollm2", what, float(r.end_to_end), "bench_recipe, one epoch, " +
+                    ("bf16 autocast on both sides" if "bf16" in r.ratio else "float32 on both sides"))
     if gpu:
         add("llama7b", "llama7b recipe minutes", gpu["recipe_minutes"], f"{gpu['recipe_epochs']} epochs, {gpu['gpu']}")
         add("llama7b", "llama7b MFU", gpu["mfu"], "model FLOPs (bench_epoch.training_flops) / H100 dense bf16 peak")
@@ -185,6 +177,9 @@ def write(args, header: dict, head, epoch_tables: dict, epoch_setups: dict, chec
     from bench_core import md_table, write_section
     import pandas as pd
     key = ",".join(args.sizes)
+    if args.layers or args.variants:  # a focused run keeps the full run's section
+        key += (f" layers={','.join(map(str, args.layers))}" if args.layers else "") + \
+            (f" variants={','.join(args.variants)}" if args.variants else "")
     begin, end = f"<!-- suite:BEGIN {key} -->", f"<!-- suite:END {key} -->"
     lines = [begin, f"## suite: {key}", "",
              f"- date: {header['date']}; wall time {header['wall']:.0f} s",
@@ -227,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,smollm2", help="comma list of tiny, smollm2, llama7b")
     ap.add_argument("--parts", default="step,epoch", help="comma list of step, epoch (and see --recipe)")
-    ap.add_argument("--recipe", action="store_true", help="also run the 1k recipe against pyreft (~10 min on CPU)")
+    ap.add_argument("--recipe", action="store_true",
+                    help="also run the 1k recipe against pyreft, float32 and bf16 autocast (~15 min on CPU)")
     ap.add_argument("--no-pyreft", action="store_true", help="skip pyreft (no throwaway venv needed)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n", type=int, default=None, help="examples per epoch (default per size)")
+    ap.add_argument("--layers", default=None, help="epoch part: intervened layers, e.g. 8,16,24 (default per size)")
+    ap.add_argument("--variants", default=None, help="epoch part: comma list of variants (default all)")
     ap.add_argument("--layers-override", type=int, default=None, help="llama7b with fewer layers (a path check)")
     ap.add_argument("--compile", action="store_true",
                     help="also time reftkit under torch.compile (inductor; compiling takes minutes on CPU)")
@@ -246,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     args.sizes = args.sizes.split(",")
+    args.layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    args.variants = args.variants.split(",") if args.variants else None
     parts = args.parts.split(",")
     for size in args.sizes:
         if size not in bench_epoch.PRESETS:
@@ -287,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe:
         import bench_recipe
         summary, recipe_ratios, rheader = bench_recipe.run(argparse.Namespace(
-            n_train=1000, repeats=1, threads=args.threads, variants="pyreft,reftkit"))
+            n_train=1000, repeats=1, threads=args.threads, variants="pyreft,reftkit,pyreft_bf16,reftkit_bf16"))
         if args.write:
             bench_recipe.write_results(summary, recipe_ratios, rheader)
-    head = headline(step_ratios, epoch_tables, recipe_ratios, gpu)
+    head = headline(step_ratios, epoch_tables, recipe_ratios, gpu,
+                    {size: st.info.get("compile_epoch_s", float("nan")) for size, st in epoch_setups.items()})
     header["wall"] = time.time() - t0
     header["load"] += " (start), " + " / ".join(f"{x:.2f}" for x in os.getloadavg()[:2]) + " (end)"
     print()

@@ -1,7 +1,6 @@
 """Under bf16 autocast (what ``TrainingArguments(bf16=True)`` turns on) the base model runs in bf16,
 but an intervention keeps its own float32 arithmetic: its output must equal the intervention applied
 in float32, outside autocast, to the rows it received."""
-import pytest
 import torch
 
 import reftkit

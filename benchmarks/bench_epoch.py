@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_core import capture_hooks, copy_hooks, gather_index, install_hooks, make_minimal_hook
+from bench_core import capture_hooks, copy_hooks, gather_index, install_hooks, make_minimal_hook, quartiles
 
 RANK = 4
 PRESETS = {
@@ -362,7 +362,7 @@ def peak_memory(s: Setup) -> dict[str, int]:
 
 def generation_times(s: Setup, rounds: int | None = None) -> dict[str, list[float]]:
     """Greedy generation of ``new_tokens`` for a left-padded batch of prompts: bare vs reftkit."""
-    prompts = [b for b in s.grouped[:1]][0]
+    prompts = s.grouped[0]
     n = min(s.p["gen_batch"], prompts.ids.shape[0])
     lengths = [int(x) for x in (prompts.labels[:n] == -100).sum(1)]  # prompt lengths (labels start after)
     width = max(lengths)
@@ -425,8 +425,7 @@ def summarise(s: Setup, epochs: dict[str, list[float]], peaks: dict[str, int], g
     for name, sec in med.items():
         padded = s.info["padded_tokens"]["unsorted" if name == "reftkit_unsorted" else "grouped"]
         rows.append({"size": s.size, "variant": name, "epoch_s": sec,
-                     "p25_s": statistics.quantiles(epochs[name], n=4)[0] if len(epochs[name]) > 1 else sec,
-                     "p75_s": statistics.quantiles(epochs[name], n=4)[2] if len(epochs[name]) > 1 else sec,
+                     "p25_s": quartiles(epochs[name])[0], "p75_s": quartiles(epochs[name])[2],
                      "vs_reftkit": sec / med["reftkit"] if "reftkit" in med else float("nan"),
                      "tokens_per_s": s.info["real_tokens"] / sec, "padded_tokens": padded,
                      "peak_mb": peaks.get(name, float("nan")) / 2 ** 20,

@@ -11,7 +11,7 @@ One forward of :class:`PromptEnsembleModel` on a batch of B rows runs N·B rows,
 ``r·B + b`` is example ``b`` under prompt ``r``): a training loss is then the mean over all N prompts, so
 one step trains all of them. It trains with :class:`reftkit.ReftTrainer` (its surface is that of
 :class:`reftkit.analysis.baselines.WeightSpaceModel`), with the LM data modules or with T-Few's
-multiple-choice losses (:mod:`reftkit.choice_data`). :func:`ensemble_rank_classify` scores answer
+multiple-choice losses (:mod:`reftkit.data.multiple_choice`). :func:`ensemble_rank_classify` scores answer
 choices under every prompt at once and votes (:func:`majority_vote`).
 """
 from __future__ import annotations
@@ -316,8 +316,8 @@ def ensemble_rank_classify(ensemble: PromptEnsembleModel, tokenizer: Any, prompt
     N·B·C rows per batch of B examples), then :func:`majority_vote`. Tokenisation and scoring are those
     of :func:`reftkit.analysis.multiple_choice.choice_logprobs` (prompt with ``add_special_tokens``, each
     choice alone without, right padding, the mean log-probability of the choice's tokens)."""
-    from reftkit.choice_data import MultipleChoiceDataCollator, tokenize_choices
-    from reftkit.objectives import choice_token_logprobs
+    from reftkit.data.multiple_choice import MultipleChoiceDataCollator, tokenize_choices
+    from reftkit.training.objectives import choice_token_logprobs
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")

@@ -44,7 +44,7 @@ def worker(method: str, args: argparse.Namespace, out: Path) -> None:
 
     import reftkit
     from reftkit.analysis import Method, compare
-    from reftkit.datasets import define_word_dataset
+    from reftkit.data.datasets import define_word_dataset
 
     torch.set_num_threads(args.threads)
     model, tokenizer = reftkit.load_model("smollm2", dtype=torch.float32)

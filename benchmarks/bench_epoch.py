@@ -271,7 +271,7 @@ def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, l
         steps["reftkit_bf16_autocast"] = trainer(
             reft_loss, params, "reft", grouped, ctx=lambda: torch.autocast(device, dtype=torch.bfloat16))
     try:
-        from reftkit.prefix_cache import FrozenPrefixCache
+        from reftkit.training.frozen_prefix import FrozenPrefixCache
     except ImportError:
         FrozenPrefixCache = None
     if FrozenPrefixCache is not None:

@@ -2,7 +2,7 @@
 """Experts and dispatch (issue 6): accuracy per strategy on three task families, full size.
 
 Three LoReFT experts (rank 4, block_output of layers 6, 12, 18, positions f1+l1) are trained on
-SmolLM2-135M-Instruct, one per task family of ``reftkit.datasets.task_families`` (sentiment: Rotten
+SmolLM2-135M-Instruct, one per task family of ``reftkit.data.datasets.task_families`` (sentiment: Rotten
 Tomatoes; topic: BBC News; part of speech: WordNet); held-out prompts are answered by each strategy
 of ``reftkit.experts.study.dispatch_study``: the base model, one multi-task intervention of the same
 shape trained on all three tasks, oracle routing, prompt-based dispatch, a classification expert, and
@@ -35,7 +35,7 @@ BEGIN, END = "<!-- bench_experts:begin -->", "<!-- bench_experts:end -->"
 
 def run(args: argparse.Namespace):
     import reftkit
-    from reftkit.datasets import define_word_dataset, task_families
+    from reftkit.data.datasets import define_word_dataset, task_families
     from reftkit.experts.study import dispatch_study
 
     torch.set_num_threads(args.threads)

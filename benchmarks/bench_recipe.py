@@ -178,7 +178,7 @@ def prepare(workdir: Path, n_train: int) -> dict:
     import torch
 
     import reftkit
-    from reftkit.datasets import define_word_dataset
+    from reftkit.data.datasets import define_word_dataset
 
     from bench_core import save_for_445
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from reftkit.config import ReftConfig
 from reftkit.model import ReftModel
-from reftkit.serialization import _sha256
+from reftkit.serialization import file_sha256
 
 LIBRARY_FILE = "library.json"
 WEIGHTS_FILE = "experts.safetensors"
@@ -191,7 +191,7 @@ class ExpertLibrary:
         record = {"format_version": FORMAT_VERSION, "library": "reftkit.experts", "kind": self.kind,
                   "config": self.config, "mixing": self.mixing,
                   "shapes": {k: list(v) for k, v in self.shapes.items()}, "experts": self.names,
-                  "weights_sha256": _sha256(folder / WEIGHTS_FILE)}
+                  "weights_sha256": file_sha256(folder / WEIGHTS_FILE)}
         (folder / LIBRARY_FILE).write_text(json.dumps(record, indent=2))
         return folder
 
@@ -212,7 +212,7 @@ class ExpertLibrary:
                               f"reads (up to {FORMAT_VERSION})")
         if not weights_file.is_file():
             raise ExpertError(f"{weights_file} is missing")
-        if meta.get("weights_sha256") not in (None, _sha256(weights_file)):
+        if meta.get("weights_sha256") not in (None, file_sha256(weights_file)):
             raise ExpertError(f"{weights_file}: SHA-256 does not match {LIBRARY_FILE}; the file is truncated or "
                               "was altered after saving")
         try:

@@ -58,7 +58,7 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
                    library: ExpertLibrary | None = None, dispatcher: Any = None,
                    few_shot: Mapping[str, Sequence[float]] | None = None, progress: bool = True) -> StudyResult:
     """Run the study on ``families`` (``{task: {"train": [{prompt, answer}], "eval": [...]}}``, e.g.
-    :func:`reftkit.datasets.task_families`); ``config`` is every expert's ReftConfig; ``other_prompts``
+    :func:`reftkit.data.datasets.task_families`); ``config`` is every expert's ReftConfig; ``other_prompts``
     belong to no task: the second half trains the classification expert's "other", the first half counts
     towards routing accuracy. ``library`` (one expert per task, named after it), ``dispatcher`` (a trained
     dispatch ReftModel, left attached) and ``few_shot`` (weights per task) reuse earlier work instead of

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .adapters import AdapterFusion, BottleneckAdapter, _check_bool
+from .adapter_fusion import AdapterFusion
+from .adapters import BottleneckAdapter, _check_bool
 from .base import InterventionError
 
 _LOCATIONS = {"mh_adapter": "attention_output", "output_adapter": "mlp_output"}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .base import Intervention, InterventionError
+from .registry import get_intervention_class
 
 
 class Mixture(Intervention):
@@ -42,8 +43,6 @@ class Mixture(Intervention):
             raise InterventionError(f"Mixture: members={members!r} must be a non-empty list of dicts, each with "
                                     "'intervention' (a registered name) and that intervention's arguments")
         weights = [1.0 / len(members)] * len(members) if weights is None else _check_weights(weights, len(members))
-        from . import get_intervention_class  # the registry imports this module
-
         for i, member in enumerate(members):
             cls = get_intervention_class(member["intervention"])
             if cls.uses_source or cls.collects or cls is Mixture:
@@ -52,8 +51,6 @@ class Mixture(Intervention):
         Intervention.__init__(self, embed_dim, members=members, weights=weights)
 
     def build(self, embed_dim: int) -> None:
-        from . import get_intervention_class
-
         built = []
         for member in self.hparams["members"]:
             args = {k: v for k, v in member.items() if k not in ("intervention", "embed_dim")}

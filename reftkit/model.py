@@ -16,9 +16,12 @@ from torch import nn
 from reftkit.interventions import InterventionError
 
 from .config import ConfigError, ReftConfig, RepresentationConfig
-from .hooks import CallState, HookManager, Slot, SourcesRecorded
-from .call_inputs import CALL_INPUTS, Collected, routing, same_width as _same_width, subspace_masks
+from .call_inputs import CALL_INPUTS, Collected, routing, subspace_masks
+from .hooks import CallState, HookManager, Slot
+from .pyreft_import import load_pyreft
 from .positions import PositionSpec, check_locations, locate_all, sequence_extent, split_untied
+from .serialization import load_reft, save_reft
+from .sources import record_sources
 from .structure import StructureError, num_layers, resolve_site
 
 
@@ -130,69 +133,12 @@ class ReftModel(nn.Module):
         uses_source = [s.index for s in self._hooks.slots if s.intervention.uses_source]
         recorded: dict[int, torch.Tensor] = {}
         if uses_source or sources is not None:
-            located, recorded = self._record_sources(located, row_valid, uses_source, sources, source_locations,
-                                                     ref.shape[0])
+            located, recorded = record_sources(self.model, self._hooks, self._locations, located, row_valid,
+                                               uses_source, sources, source_locations, ref.shape[0])
         state = CallState.build(located, row_valid)
         state.sources = recorded
         state.subspaces = subspace_masks(self._hooks.slots, subspaces, ref.shape[0], ref.device)
         return state
-
-    def _record_sources(self, located: torch.Tensor, row_valid: torch.Tensor | None, uses_source: list[int],
-                        sources: Any, source_locations: Any, batch: int) -> tuple[torch.Tensor, dict]:
-        """Run each source batch through the bare model, keeping the rows its interventions read."""
-        if not uses_source:
-            raise ValueError("sources were given, but no intervention of this model reads a source run "
-                             "(interchange, DAS, ...)")
-        if sources is None:
-            keys = [self._hooks.slots[i].key for i in uses_source]
-            raise ValueError(f"interventions {keys} read a source run: pass sources={{'input_ids': ..., "
-                             "'attention_mask': ...}} (one batch, or a list of batches)")
-        batches = [sources] if isinstance(sources, Mapping) else list(sources)
-        where = [source_locations] if isinstance(sources, Mapping) else \
-            (list(source_locations) if source_locations is not None else [None] * len(batches))
-        if len(where) != len(batches):
-            raise ValueError(f"source_locations has {len(where)} entries for {len(batches)} source batches")
-        beyond = {self._hooks.slots[i].key: self._hooks.slots[i].source for i in uses_source
-                  if self._hooks.slots[i].source >= len(batches)}
-        if beyond:
-            raise ValueError(f"interventions {list(beyond)} read source batches {list(beyond.values())}, but only "
-                             f"{len(batches)} source batch(es) were given")
-        recorded: dict[int, torch.Tensor] = {}
-        for j, (src, src_locations) in enumerate(zip(batches, where)):
-            slots = frozenset(i for i in uses_source if self._hooks.slots[i].source == j)
-            if not slots:
-                continue
-            ids, embeds = src.get("input_ids"), src.get("inputs_embeds")
-            src_ref = ids if ids is not None else embeds
-            if src_ref is None:
-                raise ValueError(f"sources[{j}] has neither input_ids nor inputs_embeds")
-            if src_ref.shape[0] != batch:
-                raise ValueError(f"sources[{j}] has batch size {src_ref.shape[0]}, the base inputs {batch}: a "
-                                 "source run pairs row by row with the base batch")
-            src_located = self._locations(src_ref, src.get("attention_mask"), src_locations, "source_locations")
-            located, src_located = _same_width(located, src_located)
-            base_valid = located >= 0 if row_valid is None else (located >= 0) & row_valid[:, :, None]
-            for i in slots:
-                short = base_valid[:, i] & (src_located[:, i] < 0)
-                if bool(short.any()):
-                    b = int(short.nonzero()[0, 0])
-                    raise ValueError(f"example {b}: intervention {self._hooks.slots[i].key!r} acts on "
-                                     f"{int(base_valid[b, i].sum())} positions of the base but its source run "
-                                     f"has {int((src_located[b, i] >= 0).sum())}; give source_locations")
-            state = CallState.build(src_located)
-            state.record, state.record_slots = {}, slots
-            self._hooks.state = state
-            try:
-                with torch.no_grad():
-                    self.model(**{k: v for k, v in src.items() if v is not None})
-            except SourcesRecorded:
-                pass
-            finally:
-                self._hooks.state = None
-            recorded.update(state.record)
-        # recorded rows may be narrower than the base's (padded) positions: pad them with zeros
-        width = located.shape[-1]
-        return located, {i: torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for i, r in recorded.items()}
 
     def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
         """Each intervention's positions (from the config) inside prompts of the given lengths,
@@ -395,22 +341,21 @@ class ReftModel(nn.Module):
         """Keys of ``interventions`` in the order of the K axis of ``intervention_locations``."""
         return list(self.interventions)
 
-    # -- persistence (reftkit.serialization) -------------------------------------------------
+    # -- persistence (reftkit.serialization, reftkit.pyreft_import) ------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
-        from .serialization import save_reft
+        """Write ``config.json`` (every constructor argument) and ``interventions.safetensors``."""
         return save_reft(self, path)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path) -> "ReftModel":
-        from .serialization import load_reft
-        return load_reft(model, path)
+        """Attach the interventions saved in ``path`` (by :meth:`save_pretrained`) to ``model``."""
+        return load_reft(model, path, build=cls)
 
     @classmethod
     def from_pyreft(cls, model: nn.Module, path: str | Path, positions: str | None = None,
                     **intervention_kwargs: Any) -> "ReftModel":
         """Migrate a pyreft 0.1.0 save folder; see :func:`reftkit.pyreft_import.load_pyreft`."""
-        from .pyreft_import import load_pyreft
-        return load_pyreft(model, path, positions=positions, **intervention_kwargs)
+        return load_pyreft(model, path, cls, positions=positions, **intervention_kwargs)
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig | Mapping[str, Any] | list) -> ReftModel:

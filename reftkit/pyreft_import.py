@@ -23,7 +23,7 @@ from torch import nn
 
 from reftkit.interventions import PYREFT_NAMES
 
-from .serialization import LoadError
+from .serialization import Build, LoadError, check_and_load
 
 _CLASS = re.compile(r"pyreft\.interventions\.(\w+)")
 
@@ -60,17 +60,16 @@ def _translate(cls_name: str, state: dict[str, torch.Tensor]) -> tuple[dict[str,
     raise LoadError(f"intervention class {cls_name!r} is not one of pyreft's six ({sorted(PYREFT_NAMES)})")
 
 
-def load_pyreft(model: nn.Module, path: str | Path, positions: str | None = None, **intervention_kwargs: Any):
-    """Build a :class:`~reftkit.ReftModel` on ``model`` from pyreft's save folder ``path``.
+def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str | None = None,
+                **intervention_kwargs: Any) -> Any:
+    """Build a :class:`~reftkit.ReftModel` on ``model`` from pyreft's save folder ``path``
+    (``build(model, config)`` attaches; ``ReftModel.from_pyreft`` passes its class).
 
     ``positions`` applies to every representation (pyreft keeps positions in its data, not its
     save); leave it ``None`` to pass ``intervention_locations`` at call time, in the order of
     pyreft's ``sorted_keys`` (which is also reftkit's order). ``intervention_kwargs`` (``act_fn``,
     ``dropout``) are set on every representation.
     """
-    from .model import ReftModel
-    from .serialization import check_and_load
-
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -106,7 +105,7 @@ def load_pyreft(model: nn.Module, path: str | Path, positions: str | None = None
                         "intervention": PYREFT_NAMES[cls_name].name, **kwargs})
         states.append(state)
         class_names.append(cls_name)
-    reft = ReftModel(model, entries)
+    reft = build(model, entries)
     tensors: dict[str, torch.Tensor] = {}
     for key, cls_name, state in zip(reft.interventions, class_names, states):
         iv = reft.interventions[key]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +26,7 @@ class LoadError(ValueError):
     """A save folder that cannot be loaded; names the file and the field or tensor at fault."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -34,8 +34,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_reft(reft: "ReftModel", path: str | Path) -> Path:  # noqa: F821
-    """Write ``config.json`` and ``interventions.safetensors`` into ``path`` (created if needed)."""
+def save_reft(reft: nn.Module, path: str | Path) -> Path:
+    """Write ``config.json`` and ``interventions.safetensors`` of a ``ReftModel`` into ``path`` (created if
+    needed)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft.interventions.state_dict().items()}
@@ -57,7 +58,7 @@ def save_reft(reft: "ReftModel", path: str | Path) -> Path:  # noqa: F821
                        "name_or_path": getattr(reft.model.config, "_name_or_path", None)},
         "interventions": records,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
     }
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return folder
@@ -86,7 +87,7 @@ def read_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor
     if not weights.is_file():
         raise LoadError(f"{weights} is missing")
     expected = config.get("weights_sha256")
-    if expected is not None and _sha256(weights) != expected:
+    if expected is not None and file_sha256(weights) != expected:
         raise LoadError(f"{weights}: SHA-256 does not match weights_sha256 in {CONFIG_NAME}; the file is "
                         "truncated or was altered after saving")
     try:
@@ -111,10 +112,16 @@ def check_and_load(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor
     interventions.load_state_dict(tensors, strict=True)
 
 
-def load_reft(model: nn.Module, path: str | Path) -> "ReftModel":  # noqa: F821
-    """Rebuild a ``ReftModel`` on ``model`` from a folder written by ``save_pretrained``."""
-    from .model import ReftModel
+#: ``build(model, config)`` attaches a config's interventions to a base model: ``ReftModel`` itself
+Build = Callable[[nn.Module, ReftConfig], Any]
 
+
+def load_reft(model: nn.Module, path: str | Path, build: Build) -> Any:
+    """Rebuild a ``ReftModel`` on ``model`` from a folder written by ``save_pretrained``.
+
+    ``build`` attaches the saved config (``ReftModel.from_pretrained`` passes its class), so this
+    module never imports the model it loads into.
+    """
     folder = Path(path)
     config = read_config(folder)
     try:
@@ -122,7 +129,7 @@ def load_reft(model: nn.Module, path: str | Path) -> "ReftModel":  # noqa: F821
     except ConfigError as err:
         raise LoadError(f"{folder / CONFIG_NAME}: {err}") from None
     tensors = read_weights(folder, config)
-    reft = ReftModel(model, reft_config)
+    reft = build(model, reft_config)
     saved_keys = [r["key"] for r in config.get("interventions", [])]
     if saved_keys and saved_keys != list(reft.interventions):
         reft.detach()

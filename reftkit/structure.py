@@ -12,8 +12,12 @@ on a model built on the ``meta`` device.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
+from .anatomy import (ACTIVATION_NAMES, ATTENTION_NAMES, DOWN_PROJECTION_NAMES, FUSED_QKV_NAMES, KEY_NAMES,
+                      MLP_NAMES, OUTPUT_PROJECTION_NAMES, QUERY_NAMES, UP_PROJECTION_NAMES, VALUE_NAMES,
+                      arch_name, config_int, feature_sizes, feature_sizes_at, find_layers, find_part,
+                      hidden_size, is_activation, num_layers, text_config)
 from .sites import FusedSlice, Site, StructureError
 
 __all__ = ["COMPONENTS", "HEAD_COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",
@@ -30,18 +34,6 @@ HEAD_COMPONENTS: tuple[str, ...] = (
     "head_query_output", "head_key_output", "head_value_output", "head_attention_value_output",
 )
 
-_ATTN = ("self_attn", "attn", "attention", "self_attention")
-_MLP = ("mlp", "feed_forward", "ffn", "mlp_block")
-_Q = ("q_proj", "query", "wq", "query_proj", "q")
-_K = ("k_proj", "key", "wk", "key_proj", "k")
-_V = ("v_proj", "value", "wv", "value_proj", "v")
-_FUSED = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
-_O = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
-# Entries with a dot are path suffixes: BERT splits its MLP over two sub-modules.
-_UP = ("gate_up_proj", "gate_proj", "up_proj", "fc1", "c_fc", "dense_h_to_4h", "fc_in",
-       "w1", "wi", "intermediate.dense")
-_DOWN = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "w2", "wo", "output.dense")
-_ACT = ("act_fn", "act", "activation_fn", "intermediate_act_fn", "activation", "act_layer")
 # Fused q|k|v columns laid out per head ([q_h | k_h | v_h] for each head h), as in
 # GPTNeoXAttention.forward: qkv.view(..., n_heads, 3 * head_dim).chunk(3, dim=-1).
 _INTERLEAVED_QKV = frozenset({"gpt_neox", "gpt_neox_japanese", "bloom"})
@@ -52,129 +44,13 @@ _UNSUPPORTED_QKV = {
 }
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def _arch(model: nn.Module) -> str:
-    return type(model).__name__
-
-
-def _config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        # Multimodal wrappers keep the decoder sizes in a text sub-config.
-        cfg = cfg.get_text_config()
-    return cfg
-
-
-def _cfg_int(model: nn.Module, *names: str) -> int | None:
-    cfg = _config(model)
-    for name in names:
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _io(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) feature sizes read from attributes, so meta tensors work too."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if hasattr(module, "nf") and hasattr(module, "nx"):  # transformers' Conv1D (weight [nx, nf])
-        return int(module.nx), int(module.nf)
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
-        return module.normalized_shape[-1], module.normalized_shape[-1]
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor) and weight.dim() == 1:  # RMSNorm-style
-        return weight.shape[0], weight.shape[0]
-    return None
-
-
-def _io_at(root: nn.Module, rel: str | None) -> tuple[int, int] | None:
-    return _io(root.get_submodule(rel)) if rel else None
-
-
-def _find(root: nn.Module, names: tuple[str, ...], skip: tuple[str, ...] = ()) -> str | None:
-    """Shallowest descendant whose path ends with one of ``names`` (earlier names win ties).
-
-    ``skip`` prunes subtrees, e.g. the attention module when looking for MLP parts,
-    so that BERT's ``attention.output.dense`` is never taken for the MLP's.
-    """
-    best: tuple[int, int, str] | None = None
-    for path, _ in root.named_modules():
-        if not path or any(path == s or path.startswith(s + ".") for s in skip):
-            continue
-        for rank, name in enumerate(names):
-            if path == name or path.endswith("." + name):
-                key = (path.count("."), rank, path)
-                if best is None or key < best:
-                    best = key
-                break
-    return None if best is None else best[2]
-
-
-def _is_activation(module: nn.Module) -> bool:
-    return type(module).__module__ in ("transformers.activations", "torch.nn.modules.activation")
-
-
-# ----------------------------------------------------------------------------- layers
-
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return the dotted path and the ``nn.ModuleList`` of decoder/encoder blocks.
-
-    Preference order: a list whose length equals the config's layer count, whose
-    children share one class and contain an attention module; relaxing those
-    checks one at a time; finally (no config, or pruned layers) the longest
-    homogeneous list of blocks with an attention module.
-    """
-    want = _cfg_int(model, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
-    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-
-    def homogeneous(ml: nn.ModuleList) -> bool:
-        return len({type(c) for c in ml}) == 1
-
-    def has_attention(ml: nn.ModuleList) -> bool:
-        return _find(ml[0], _ATTN) is not None
-
-    sized = [(p, m) for p, m in lists if len(m) == want]
-    for pick in ([x for x in sized if homogeneous(x[1]) and has_attention(x[1])],
-                 [x for x in sized if homogeneous(x[1])], sized):
-        if pick:
-            return pick[0]
-    pick = [x for x in lists if homogeneous(x[1]) and has_attention(x[1])]
-    if pick:
-        return max(pick, key=lambda x: len(x[1]))
-    seen = ", ".join(f"{p or '<root>'}[{len(m)}]" for p, m in lists) or "none"
-    raise StructureError(
-        f"could not find the layer stack of {_arch(model)}: no nn.ModuleList with "
-        f"num_hidden_layers={want} blocks (ModuleLists found: {seen})")
-
-
-def num_layers(model: nn.Module) -> int:
-    """Number of blocks in the layer stack returned by :func:`find_layers`."""
-    return len(find_layers(model)[1])
-
-
-def hidden_size(model: nn.Module) -> int:
-    """Residual-stream width: from the config, else the input embedding width."""
-    size = _cfg_int(model, "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
-    if size is not None:
-        return size
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if isinstance(emb, nn.Embedding):
-        return emb.embedding_dim
-    raise StructureError(f"cannot tell the hidden size of {_arch(model)}: no hidden_size in its config")
-
-
 def _normalise_layer(model: nn.Module, layer: int, n: int) -> int:
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise StructureError(f"layer={layer!r} must be an int")
     idx = layer + n if layer < 0 else layer
     if not 0 <= idx < n:
         raise StructureError(
-            f"layer={layer} is out of range: this {_arch(model)} has {n} layers (0..{n - 1})")
+            f"layer={layer} is out of range: this {arch_name(model)} has {n} layers (0..{n - 1})")
     return idx
 
 
@@ -219,7 +95,7 @@ def _raw_site(model: nn.Module, layer: int | None, spec: str) -> Site:
     if isinstance(module, nn.Embedding) and hook == "input":
         raise StructureError(f"component={spec!r}: an embedding's input is token ids, which have "
                              "no feature dimension to intervene on; use ':output'")
-    io = _io(module)
+    io = feature_sizes(module)
     width = (io[0] if hook == "input" else io[1]) if io else hidden_size(model)
     return Site(layer, spec, path, hook, width)  # type: ignore[arg-type]
 
@@ -227,23 +103,23 @@ def _raw_site(model: nn.Module, layer: int | None, spec: str) -> Site:
 # ----------------------------------------------------------------------------- named components
 
 def _unavailable(model: nn.Module, component: str, why: str) -> StructureError:
-    return StructureError(f"{component} is not available for {_arch(model)}: {why}")
+    return StructureError(f"{component} is not available for {arch_name(model)}: {why}")
 
 
 def _qkv_site(model: nn.Module, layer: int, component: str, attn_path: str,
               attn: nn.Module, o_rel: str | None) -> Site:
-    names = {"query_output": _Q, "key_output": _K, "value_output": _V}[component]
-    rel = _find(attn, names)
+    names = {"query_output": QUERY_NAMES, "key_output": KEY_NAMES, "value_output": VALUE_NAMES}[component]
+    rel = find_part(attn, names)
     if rel is not None:
-        io = _io(attn.get_submodule(rel))
+        io = feature_sizes(attn.get_submodule(rel))
         if io is None:
             raise _unavailable(model, component, f"{attn_path}.{rel} is not a Linear/Conv1D")
         return Site(layer, component, f"{attn_path}.{rel}", "output", io[1])
-    rel = _find(attn, _FUSED)
+    rel = find_part(attn, FUSED_QKV_NAMES)
     if rel is None:
         raise _unavailable(model, component, f"no q/k/v or fused qkv projection under {attn_path}")
-    path, io = f"{attn_path}.{rel}", _io(attn.get_submodule(rel))
-    model_type = getattr(_config(model), "model_type", None)
+    path, io = f"{attn_path}.{rel}", feature_sizes(attn.get_submodule(rel))
+    model_type = getattr(text_config(model), "model_type", None)
     which = ("query_output", "key_output", "value_output").index(component)
     if model_type in _UNSUPPORTED_QKV:
         raise _unavailable(model, component, f"{path} is fused and {_UNSUPPORTED_QKV[model_type]}; "
@@ -252,7 +128,7 @@ def _qkv_site(model: nn.Module, layer: int, component: str, attn_path: str,
         raise _unavailable(model, component, f"{path} is not a Linear/Conv1D")
     total = io[1]
     if model_type in _INTERLEAVED_QKV:
-        heads = _cfg_int(model, "num_attention_heads", "n_head")
+        heads = config_int(model, "num_attention_heads", "n_head")
         if not heads or total % (3 * heads):
             raise _unavailable(model, component, f"cannot split {path} ({total} columns) per head")
         hd = total // (3 * heads)
@@ -263,7 +139,7 @@ def _qkv_site(model: nn.Module, layer: int, component: str, attn_path: str,
                            f"{model_type!r} is not known; hook it with a raw path instead")
     # Contiguous [q | k | v]: q is as wide as the attention output (n_heads*head_dim),
     # k and v share the rest equally (they are narrower under GQA/MQA).
-    o_io = _io_at(attn, o_rel)
+    o_io = feature_sizes_at(attn, o_rel)
     q = o_io[0] if o_io else hidden_size(model)
     if (total - q) <= 0 or (total - q) % 2:
         raise _unavailable(model, component, f"{path} has {total} columns, which do not split into "
@@ -277,8 +153,8 @@ def _qkv_site(model: nn.Module, layer: int, component: str, attn_path: str,
 def _head_site(model: nn.Module, layer: int, component: str, heads: list[int] | tuple[int, ...] | None) -> Site:
     base = resolve_site(model, layer, component[len("head_"):])
     kv = component in ("head_key_output", "head_value_output")
-    n_query = _cfg_int(model, "num_attention_heads", "n_head", "num_heads")
-    n_heads = (_cfg_int(model, "num_key_value_heads", "multi_query_group_num") or n_query) if kv else n_query
+    n_query = config_int(model, "num_attention_heads", "n_head", "num_heads")
+    n_heads = (config_int(model, "num_key_value_heads", "multi_query_group_num") or n_query) if kv else n_query
     if not n_heads:
         raise _unavailable(model, component, "its config gives no num_attention_heads")
     if base.width % n_heads:
@@ -290,7 +166,7 @@ def _head_site(model: nn.Module, layer: int, component: str, heads: list[int] | 
     bad = [h for h in heads if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < n_heads]
     if bad:
         raise StructureError(f"heads={list(heads)!r}: head {bad[0]!r} is out of range; {component} of "
-                             f"{_arch(model)} has {n_heads} {kind} (0..{n_heads - 1})")
+                             f"{arch_name(model)} has {n_heads} {kind} (0..{n_heads - 1})")
     return Site(base.layer, component, base.module_path, base.hook, base.width // n_heads, base.fused,
                 tuple(heads), n_heads)
 
@@ -352,22 +228,22 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
     if component in ("block_input", "block_output"):
         return Site(layer, component, block_path, "input" if component == "block_input" else "output", hidden)
 
-    attn_rel = _find(block, _ATTN)
+    attn_rel = find_part(block, ATTENTION_NAMES)
     if component.startswith(("attention", "query", "key", "value")):
         if attn_rel is None:
-            raise _unavailable(model, component, f"no self-attention module ({'/'.join(_ATTN)}) in {block_path}")
+            raise _unavailable(model, component, f"no self-attention module ({'/'.join(ATTENTION_NAMES)}) in {block_path}")
         attn_path, attn = f"{block_path}.{attn_rel}", block.get_submodule(attn_rel)
-        o_rel = _find(attn, _O)
-        o_io = _io_at(attn, o_rel)
+        o_rel = find_part(attn, OUTPUT_PROJECTION_NAMES)
+        o_io = feature_sizes_at(attn, o_rel)
         if component in ("query_output", "key_output", "value_output"):
             return _qkv_site(model, layer, component, attn_path, attn, o_rel)
         if component == "attention_input":
-            p_io = _io_at(attn, _find(attn, _Q + _FUSED))
+            p_io = feature_sizes_at(attn, find_part(attn, QUERY_NAMES + FUSED_QKV_NAMES))
             return Site(layer, component, attn_path, "input", p_io[0] if p_io else hidden)
         if o_rel is None or o_io is None:
             if component == "attention_output":
                 return Site(layer, component, attn_path, "output", hidden)
-            raise _unavailable(model, component, f"no attention output projection ({'/'.join(_O)}) under {attn_path}")
+            raise _unavailable(model, component, f"no attention output projection ({'/'.join(OUTPUT_PROJECTION_NAMES)}) under {attn_path}")
         if component == "attention_value_output":
             return Site(layer, component, f"{attn_path}.{o_rel}", "input", o_io[0])
         # A projection nested below the attention module (BERT's attention.output.dense)
@@ -378,31 +254,31 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
     # MLP components.  Without a single MLP module, search the block itself but
     # never inside the attention module.
     skip = (attn_rel,) if attn_rel else ()
-    mlp_rel = _find(block, _MLP, skip)
+    mlp_rel = find_part(block, MLP_NAMES, skip)
     root = block.get_submodule(mlp_rel) if mlp_rel else block
     root_path = f"{block_path}.{mlp_rel}" if mlp_rel else block_path
     root_skip = () if mlp_rel else skip
-    down_rel = _find(root, _DOWN, root_skip)
-    down_io = _io_at(root, down_rel)
+    down_rel = find_part(root, DOWN_PROJECTION_NAMES, root_skip)
+    down_io = feature_sizes_at(root, down_rel)
     if component == "mlp_activation":
-        act_rel = _find(root, _ACT, root_skip) or next(
-            (p for p, m in root.named_modules() if p and _is_activation(m)
+        act_rel = find_part(root, ACTIVATION_NAMES, root_skip) or next(
+            (p for p, m in root.named_modules() if p and is_activation(m)
              and not any(p == s or p.startswith(s + ".") for s in root_skip)), None)
         if act_rel is None:
-            raise _unavailable(model, component, f"no activation module ({'/'.join(_ACT)}) under {root_path}")
+            raise _unavailable(model, component, f"no activation module ({'/'.join(ACTIVATION_NAMES)}) under {root_path}")
         if down_io is None:
-            raise _unavailable(model, component, f"no down projection ({'/'.join(_DOWN)}) under {root_path}")
+            raise _unavailable(model, component, f"no down projection ({'/'.join(DOWN_PROJECTION_NAMES)}) under {root_path}")
         return Site(layer, component, f"{root_path}.{act_rel}", "output", down_io[0])
-    up_rel = _find(root, _UP, root_skip)
-    up_io = _io_at(root, up_rel)
+    up_rel = find_part(root, UP_PROJECTION_NAMES, root_skip)
+    up_io = feature_sizes_at(root, up_rel)
     if mlp_rel is not None:
         if component == "mlp_input":
             return Site(layer, component, root_path, "input", up_io[0] if up_io else hidden)
         return Site(layer, component, root_path, "output", down_io[1] if down_io else hidden)
     if component == "mlp_input":
         if up_io is None:
-            raise _unavailable(model, component, f"no MLP module ({'/'.join(_MLP)}) or first MLP linear in {block_path}")
+            raise _unavailable(model, component, f"no MLP module ({'/'.join(MLP_NAMES)}) or first MLP linear in {block_path}")
         return Site(layer, component, f"{block_path}.{up_rel}", "input", up_io[0])
     if down_io is None:
-        raise _unavailable(model, component, f"no MLP module ({'/'.join(_MLP)}) or last MLP linear in {block_path}")
+        raise _unavailable(model, component, f"no MLP module ({'/'.join(MLP_NAMES)}) or last MLP linear in {block_path}")
     return Site(layer, component, f"{block_path}.{down_rel}", "output", down_io[1])

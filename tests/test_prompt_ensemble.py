@@ -12,9 +12,9 @@ from conftest import tiny_llama, tiny_tokenizer
 from ddp_worker import training_args
 from reftkit.analysis import EnsemblePrediction, PromptEnsembleModel, get_prompt_ensemble, majority_vote
 from reftkit.analysis.prompt_ensemble import ensemble_rank_classify
-from reftkit.choice_data import make_multiple_choice_data_module
+from reftkit.data.multiple_choice import make_multiple_choice_data_module
 from reftkit.data import make_last_position_supervised_data_module
-from reftkit.objectives import multiple_choice_loss
+from reftkit.training.objectives import multiple_choice_loss
 from reftkit.training import ReftTrainer
 
 N_VIRTUAL = 4

@@ -11,9 +11,9 @@ import reftkit
 from conftest import tiny_llama, tiny_tokenizer
 from ddp_worker import training_args
 from reftkit.analysis.multiple_choice import accuracy, choice_logprobs, rank_classify
-from reftkit.choice_data import MultipleChoiceDataCollator, make_multiple_choice_data_module
+from reftkit.data.multiple_choice import MultipleChoiceDataCollator, make_multiple_choice_data_module
 from reftkit.data import DataError
-from reftkit.objectives import (check_loss_terms, choice_token_logprobs, length_normalized_loss,
+from reftkit.training.objectives import (check_loss_terms, choice_token_logprobs, length_normalized_loss,
                                 multiple_choice_loss, tfew_loss, unlikelihood_loss)
 from reftkit.training import ReftForSequenceClassification, ReftTrainer
 

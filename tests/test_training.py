@@ -15,9 +15,9 @@ from transformers import TrainerCallback
 import reftkit
 from conftest import tiny_gpt2, tiny_llama
 from ddp_worker import REFT_CONFIG, SGD, Collator, LMData, make_reft, train, train_classifier, training_args
-from reftkit.distributed import check_fsdp_plugin
-from reftkit.training import (ReftForSequenceClassification, ReftTrainer, causal_lm_loss,
-                              find_backbone_and_head, load_interventions)
+from reftkit.training.distributed import check_fsdp_plugin
+from reftkit.anatomy import find_backbone_and_head
+from reftkit.training import ReftForSequenceClassification, ReftTrainer, causal_lm_loss, load_interventions
 
 TESTS = Path(__file__).resolve().parent
 

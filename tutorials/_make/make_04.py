@@ -47,7 +47,7 @@ import reftkit
 from reftkit.analysis import (get_weight_space_model, logit_lens, lora_subspaces, pca_before_after, plot_logit_lens,
                               plot_pca, plot_representation_changes, plot_subspace_similarity, reft_subspaces,
                               representation_changes, subspace_similarity)
-from reftkit.datasets import define_word_dataset
+from reftkit.data.datasets import define_word_dataset
 from reftkit.training import ReftTrainer
 
 hf_logging.disable_progress_bar()

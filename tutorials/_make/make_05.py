@@ -52,7 +52,7 @@ from transformers.utils import logging as hf_logging
 
 import reftkit
 from reftkit.analysis import Method, compare, plot_comparison
-from reftkit.datasets import define_word_dataset
+from reftkit.data.datasets import define_word_dataset
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

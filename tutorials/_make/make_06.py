@@ -32,7 +32,7 @@ LoReFT's rotations are different: each expert's `R` spans its own subspace, and 
 is not orthonormal — so reftkit mixes LoReFT experts' *outputs*, `h' = h + Σ αₖ (fₖ(h) − h)` (the `Mixture`
 intervention). With weights `(1, 0, 0)` both give expert 1 exactly; with all weights 0, the base model.
 
-The three task families come from data that ships in packages (`reftkit.datasets.task_families`):
+The three task families come from data that ships in packages (`reftkit.data.datasets.task_families`):
 **sentiment** (Rotten Tomatoes snippets → positive / negative), **topic** (BBC News articles → business,
 entertainment, politics, sports, tech) and **pos** (a WordNet word → noun, verb, adjective or adverb)."""),
 code("""# Parameters: the stored outputs come from these; the test suite runs a tiny version
@@ -55,7 +55,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import reftkit
-from reftkit.datasets import define_word_dataset, task_families
+from reftkit.data.datasets import define_word_dataset, task_families
 from reftkit.experts import (ExpertLibrary, ExpertRouter, expert_dispatch, few_shot_weights, prompt_dispatch,
                              train_dispatch_expert, train_expert, two_pass_generate)
 

@@ -21,7 +21,7 @@ Three training objectives beyond plain next-token cross entropy, on the embedded
 4. **Policy gradient** (Sun et al. 2025, Transformer², §3.1): REINFORCE on an SVF expert with a ±1 reward for
    the right first word, with and without a KL penalty — `reftkit.experts.train_policy_gradient`.
 
-The tasks are two of `reftkit.datasets.task_families`: **sentiment** (a Rotten Tomatoes snippet →
+The tasks are two of `reftkit.data.datasets.task_families`: **sentiment** (a Rotten Tomatoes snippet →
 ` negative` / ` positive`) and **topic** (the start of a BBC News article → ` business`, ` entertainment`,
 ` politics`, ` sports`, ` tech`). Budgets are small so the notebook runs in minutes on one CPU thread: read
 every number below as one seed of a few optimiser steps, not as a benchmark."""),
@@ -56,8 +56,8 @@ import reftkit
 from reftkit.analysis.baselines import get_weight_space_model
 from reftkit.analysis.multiple_choice import accuracy, rank_classify
 from reftkit.analysis.prompt_ensemble import ensemble_rank_classify, get_prompt_ensemble
-from reftkit.choice_data import make_multiple_choice_data_module
-from reftkit.datasets import task_families
+from reftkit.data.multiple_choice import make_multiple_choice_data_module
+from reftkit.data.datasets import task_families
 from reftkit.experts.policy_gradient import train_policy_gradient
 from reftkit.interventions.scaling import ia3_representations
 from reftkit.training import ReftTrainer
@@ -141,7 +141,7 @@ $L_{LM} = -\\frac{1}{T(y)}\\sum_t \\log p(y_t \\mid x, y_{<t})$, T-Few adds
 and trains on $L = L_{LM} + L_{UL} + L_{LN}$. `make_multiple_choice_data_module` builds the batches (an example
 with C choices becomes C prompt+choice rows; a batch is padded to its largest C) and `ReftTrainer(...,
 loss_terms=...)` weighs the terms: `{"lm": 1}` is the LM loss alone, `{"lm": 1, "ul": 1, "ln": 1}` T-Few's sum
-(`reftkit.objectives.tfew_loss` computes it; `check_loss_terms` validates the weights).
+(`reftkit.training.objectives.tfew_loss` computes it; `check_loss_terms` validates the weights).
 
 **The two adaptations.**
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, indent=2))
         return 0
     if args.command == "model-path":
-        from .embedded import smollm2_path
+        from reftkit.models.embedded import smollm2_path
         print(smollm2_path())
         return 0
     return 2

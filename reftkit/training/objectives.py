@@ -18,7 +18,7 @@ T-Few trains on ``L_LM + L_UL + L_LN``. Both losses are means over the batch (L_
 tokens of the batch, as the paper's normalisation by their count).
 
 On a model: :func:`choice_token_logprobs` gives ``token_logprobs`` for a multiple-choice batch
-(:mod:`reftkit.choice_data`) with vocabulary logits for the choice tokens only; :func:`tfew_loss` weighs
+(:mod:`reftkit.data.multiple_choice`) with vocabulary logits for the choice tokens only; :func:`tfew_loss` weighs
 the three terms; :func:`multiple_choice_loss` is both, what ``ReftTrainer(loss_terms=...)`` trains on.
 """
 from __future__ import annotations
@@ -27,6 +27,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from reftkit.anatomy import find_backbone_and_head
+from reftkit.call_inputs import CALL_INPUTS
 
 
 def _check(token_logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor) -> None:
@@ -64,7 +67,7 @@ def length_normalized_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, cor
     return torch.nn.functional.cross_entropy(beta, correct)
 
 
-# -- the full T-Few objective over a multiple-choice batch (reftkit.choice_data) ----------------------------
+# -- the full T-Few objective over a multiple-choice batch (reftkit.data.multiple_choice) ----------------------------
 #: T-Few's terms: L_LM (``lm``), L_UL (``ul``), L_LN (``ln``); the paper trains on their plain sum.
 TFEW_TERMS = ("lm", "ul", "ln")
 TFEW_WEIGHTS = {"lm": 1.0, "ul": 1.0, "ln": 1.0}
@@ -144,11 +147,11 @@ def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: to
                           **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_logprobs, mask)``, both ``[R·B, C, T]``: ``log p(y_t | x, y_<t)`` of each choice's tokens
     under ``reft`` (a ReftModel, or a weight-space / prompt model with the same surface), from a batch of
-    :class:`reftkit.choice_data.MultipleChoiceDataCollator` (B·C rows).
+    :class:`reftkit.data.multiple_choice.MultipleChoiceDataCollator` (B·C rows).
 
     As :func:`reftkit.training.causal_lm_loss`, only the rows predicting a choice token (``hidden[:, :-1]``
     where ``choice_labels[:, 1:]`` is not -100) go through the LM head and a log-softmax; when
-    :func:`~reftkit.training.find_backbone_and_head` finds no trustworthy pair, the full forward runs and
+    :func:`~reftkit.anatomy.find_backbone_and_head` finds no trustworthy pair, the full forward runs and
     the same rows of its logits are read. The interventions act at ``intervention_locations`` (the
     prompt's positions), or, without them, at the config's positions resolved on the prompt alone (the
     attention mask less the choice tokens), as rank classification does.
@@ -157,9 +160,6 @@ def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: to
     :class:`reftkit.analysis.prompt_ensemble.PromptEnsembleModel`: row ``r·B + b`` is example ``b`` under
     prompt ``r``). Logits longer than the input (virtual tokens in front) are read from the right.
     """
-    from .call_inputs import CALL_INPUTS
-    from .training import find_backbone_and_head  # here: training imports this module
-
     batch, choices = choice_mask.shape
     if input_ids.shape[0] != batch * choices or choice_labels.shape != input_ids.shape:
         raise ValueError(f"a multiple-choice batch has B·C rows: choice_mask is [{batch}, {choices}], input_ids "

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .call_inputs import CALL_INPUTS
-from .model import ReftModel
-from .serialization import CONFIG_NAME, LoadError, check_and_load, read_config, read_weights
+from reftkit.call_inputs import CALL_INPUTS
+from reftkit.model import ReftModel
+from reftkit.serialization import CONFIG_NAME, LoadError, check_and_load, read_config, read_weights
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head_config.json"

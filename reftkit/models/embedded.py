@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
-from .cache import embedded_cache_dir, file_lock, log as _log, make_readable, remove_stale_tmp
+from .disk_cache import embedded_cache_dir, file_lock, log as _log, make_readable, remove_stale_tmp
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch

@@ -25,8 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import (IGNORE_INDEX, DataError, ReftDataset, _context_limit, _pad_id, _specs_for, _stack_padded)
-from .positions import locate_all
+from reftkit.positions import locate_all
+
+from .supervised import IGNORE_INDEX, DataError, ReftDataset, _context_limit, _pad_id, _specs_for, _stack_padded
 
 __all__ = ["MultipleChoiceDataset", "MultipleChoiceDataCollator", "tokenize_choices",
            "make_multiple_choice_data_module"]
@@ -132,7 +133,7 @@ def tokenize_choices(tokenizer: Any, prompts: Sequence[str], choices: Sequence[S
 def _choice_dataset(tokenizer: Any, model: Any, prompts: Sequence[str], choices: Sequence[Sequence[str]],
                     correct: Sequence[int], positions: str | None, num_interventions: int | None,
                     add_special_tokens: bool, max_length: int | None, prefix: str = "") -> MultipleChoiceDataset:
-    from .model import ReftModel
+    from reftkit.model import ReftModel
 
     if positions is None and hasattr(model, "load_trained") and not isinstance(model, ReftModel):
         positions = "l1"  # a weight-space model or prompt ensemble ignores positions; any valid spec will do

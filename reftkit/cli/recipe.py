@@ -41,11 +41,11 @@ def load_examples(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """``{train, eval}`` lists of examples from a packaged source or a JSONL file."""
     source = data.get("source")
     if source == "wordnet":
-        from .datasets import define_word_dataset
+        from reftkit.data.datasets import define_word_dataset
         return define_word_dataset(n_train=data.get("n_train", 1000), n_eval=data.get("n_eval", 200),
                                    seed=data.get("seed", 0), min_count=data.get("min_count", 0))
     if source in ("rotten_tomatoes", "bbc_news"):
-        from .datasets import labelled_texts
+        from reftkit.data.datasets import labelled_texts
         sets = labelled_texts(source, seed=data.get("seed", 0))
         n_train, n_eval = data.get("n_train"), data.get("n_eval")  # None slices keep everything
         return {"train": sets["train"][:n_train], "eval": sets["eval"][:n_eval], "labels": sets["labels"]}
@@ -80,7 +80,7 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     import reftkit
-    from .training import ReftForSequenceClassification, ReftTrainer
+    from reftkit.training import ReftForSequenceClassification, ReftTrainer
 
     torch.manual_seed(config.get("seed", 0))
     out_dir = Path(config["output_dir"])

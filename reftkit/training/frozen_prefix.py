@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .model import ReftModel
+from reftkit.anatomy import find_backbone_and_head
+from reftkit.model import ReftModel
 
 __all__ = ["FrozenPrefixCache", "PrefixCacheError"]
 
@@ -38,11 +39,6 @@ _DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "embd_pdrop", "attn_pd
 
 class PrefixCacheError(ValueError):
     """The prefix cache cannot be used exactly with this model or batch; the message says why."""
-
-
-def _loss_parts(reft: ReftModel) -> tuple[nn.Module, nn.Module] | None:
-    from .training import find_backbone_and_head  # training imports this module
-    return find_backbone_and_head(reft)
 
 
 class FrozenPrefixCache:
@@ -66,7 +62,7 @@ class FrozenPrefixCache:
         self.reft = reft
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.device = None if device is None else torch.device(device)
-        parts = _loss_parts(reft)
+        parts = find_backbone_and_head(reft)
         model_name = type(reft.model).__name__
         if parts is None:
             raise PrefixCacheError(f"{model_name}: the label-only loss path is unavailable (no decoder + LM head "

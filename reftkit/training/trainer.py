@@ -5,13 +5,13 @@
   or a :class:`ReftForSequenceClassification` on classification batches (``labels`` ``[B]``).
 * The LM loss runs the backbone with the interventions active and applies the LM head only to the
   rows that carry a label (:func:`causal_lm_loss`): no ``[B, T, vocab]`` logits are ever built.
-* Multiple-choice batches (:mod:`reftkit.choice_data`, they carry ``correct``) train on T-Few's
-  ``L_LM + L_UL + L_LN`` (:func:`reftkit.objectives.multiple_choice_loss`), weighted by ``loss_terms``.
+* Multiple-choice batches (:mod:`reftkit.data.multiple_choice`, they carry ``correct``) train on T-Few's
+  ``L_LM + L_UL + L_LN`` (:func:`reftkit.training.objectives.multiple_choice_loss`), weighted by ``loss_terms``.
 * Checkpoints hold only what is trained (``reft.save_pretrained``: ``config.json`` +
   ``interventions.safetensors``, plus ``head.safetensors`` / ``head_config.json`` for a classifier)
   next to the optimizer, scheduler, RNG and trainer state that ``Trainer`` writes; resuming loads them.
 * Distributed: DDP, or FSDP2 (``fsdp=True, fsdp_config={"version": 2}`` or ``accelerate launch`` with
-  ``fsdp_version: 2``), launched by ``torchrun`` / ``accelerate launch``; see :mod:`reftkit.distributed`.
+  ``fsdp_version: 2``), launched by ``torchrun`` / ``accelerate launch``; see :mod:`reftkit.training.distributed`.
 """
 from __future__ import annotations
 
@@ -30,117 +30,15 @@ from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.utils import logging
 
+from reftkit.model import ReftModel
+
+from .causal_lm import causal_lm_loss
+from .classifier import ReftForSequenceClassification, load_interventions
 from .distributed import check_fsdp_plugin, full_parameters, loading_into_shards
-from .call_inputs import CALL_INPUTS
-from .classifier import (HEAD_CONFIG, HEAD_WEIGHTS, POOLINGS,  # noqa: F401 (re-exported)
-                         ReftForSequenceClassification, load_interventions)
-from .model import ReftModel
+from .frozen_prefix import FrozenPrefixCache
 from .objectives import TFEW_WEIGHTS, check_loss_terms, multiple_choice_loss
-from .prefix_cache import FrozenPrefixCache
 
 logger = logging.get_logger(__name__)
-
-# Config fields of causal LMs whose forward transforms the logits after the head (Gemma 2/3 soft
-# capping, Cohere and Granite scaling): `lm_head(hidden)` alone would give a different loss there.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-# -- the label-only causal-LM loss ------------------------------------------------------------
-def _module_path(root: nn.Module, target: nn.Module) -> str | None:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    return None
-
-
-def find_backbone_and_head(reft: ReftModel) -> tuple[nn.Module, nn.Module] | None:
-    """``(backbone, lm_head)`` of the wrapped causal LM, or ``None`` when the label-only path would not
-    reproduce the model's own loss and the full forward must be used.
-
-    The backbone is ``get_decoder()`` (else ``base_model``); as in every HF causal LM its
-    ``last_hidden_state`` already has the final norm applied, so the head follows it directly.
-    """
-    if not getattr(reft, "label_only_loss", True):
-        return None  # e.g. prompt tuning: virtual tokens enter through the wrapper's own forward
-    hf = reft.model
-    config = getattr(hf, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return None
-    if getattr(config, "final_logit_softcapping", None) is not None or any(
-            getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS[1:]):
-        return None
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    backbone = hf.get_decoder() if hasattr(hf, "get_decoder") else None
-    if backbone is None or backbone is hf:
-        backbone = getattr(hf, "base_model", None)
-    if head is None or backbone is None or backbone is hf:
-        return None
-    # Every hooked module must run inside the backbone, else its intervention would be skipped.
-    prefix = _module_path(hf, backbone)
-    if prefix is None:
-        return None
-    slots = reft._hooks.slots if isinstance(reft, ReftModel) else ()
-    if prefix and any(not (s.site.module_path == prefix or s.site.module_path.startswith(prefix + "."))
-                      for s in slots):
-        return None
-    return backbone, head
-
-
-def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   labels: torch.Tensor | None = None, intervention_locations: torch.Tensor | None = None,
-                   num_items_in_batch: torch.Tensor | int | None = None,
-                   prefix_cache: FrozenPrefixCache | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-    """Causal-LM cross entropy of ``reft`` on unshifted ``labels``, with vocabulary logits only for the
-    labelled positions: ``hidden[:, :-1]`` rows whose ``labels[:, 1:]`` is not -100 are gathered and
-    only they go through the head. Returns ``{"loss", "logits" [N, vocab] of those rows (row-major)}``.
-
-    Reduction is HF's: ``sum / num_items_in_batch`` when given (gradient-accumulation correct), else
-    the mean over labelled tokens (0, not NaN, when a batch has none).
-
-    ``prefix_cache``: a :class:`~reftkit.prefix_cache.FrozenPrefixCache` of this ``reft``; batches whose
-    examples it holds run only the layers from the earliest intervention on.
-    """
-    if labels is None:
-        raise ValueError("causal_lm_loss needs labels ([batch, seq], -100 where unsupervised)")
-    if prefix_cache is not None and prefix_cache.reft is not reft:
-        raise ValueError("prefix_cache was built for another ReftModel; build one per model")
-    parts = find_backbone_and_head(reft)
-    call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}  # e.g. a mixed-task batch's "tasks"
-    with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"), **call):
-        if parts is None:
-            # Fallback: the model exposes no (backbone, head) pair we can trust to match its own
-            # forward, so run it whole; it computes logits for every position (correct, costlier).
-            out = reft.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                             num_items_in_batch=num_items_in_batch, **kwargs)
-            return {"loss": out.loss, "logits": out.logits}
-        backbone, head = parts
-
-        def label_only(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _label_only_loss(hidden, head, labels, num_items_in_batch)
-
-        if prefix_cache is not None:
-            hidden = prefix_cache.hidden_states(input_ids, attention_mask, score=lambda h: label_only(h)[0],
-                                                **kwargs)
-        else:
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
-    loss, logits = label_only(hidden)
-    return {"loss": loss, "logits": logits}
-
-
-def _label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                     num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != -100
-    rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
-    logits = head(rows).float()  # HF computes the loss in float32 too
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    if num_items_in_batch is None:
-        loss = loss / keep.sum().clamp_min(1)
-    else:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss, logits
 
 
 @contextlib.contextmanager
@@ -180,14 +78,14 @@ class ReftTrainer(Trainer):
     * Checkpoints hold only the interventions (and head); the base model is never written. Under FSDP2
       every rank gathers just those tensors for the writer (rank 0), never the sharded base.
     * Refused: DeepSpeed, ``nn.DataParallel``, FSDP1 and FSDP's own activation checkpointing
-      (:func:`reftkit.distributed.check_fsdp_plugin` says why).
+      (:func:`reftkit.training.distributed.check_fsdp_plugin` says why).
 
     ``loss_terms``: the weights of T-Few's terms for multiple-choice batches, e.g. ``{"lm": 1, "ul": 1,
-    "ln": 1}`` (the default) or ``("lm", "ln")`` (see :func:`reftkit.objectives.check_loss_terms`);
+    "ln": 1}`` (the default) or ``("lm", "ln")`` (see :func:`reftkit.training.objectives.check_loss_terms`);
     causal-LM batches keep the LM loss whatever it says. Evaluation of multiple-choice batches returns
     the choices' length-normalised scores ``[B, C]`` as predictions and ``correct`` as labels.
 
-    ``cache_frozen_prefix``: opt in to a :class:`~reftkit.prefix_cache.FrozenPrefixCache` for the training
+    ``cache_frozen_prefix``: opt in to a :class:`~reftkit.training.frozen_prefix.FrozenPrefixCache` for the training
     LM batches (``True``: no byte limit; an int: ``max_bytes``), so that epochs after the first run only
     the layers from the earliest intervention on. Evaluation and multiple-choice batches never use it.
     Needs right-padded batches; refused for classifiers, weight-space baselines and FSDP.
@@ -267,7 +165,7 @@ class ReftTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """LM: :func:`causal_lm_loss`; multiple choice (the batch carries ``correct``): T-Few's
-        :func:`~reftkit.objectives.multiple_choice_loss` with ``loss_terms``; classifier: the head's cross
+        :func:`~reftkit.training.objectives.multiple_choice_loss` with ``loss_terms``; classifier: the head's cross
         entropy. All are called through ``model`` (possibly the DDP wrapper, or the FSDP2 root) so DDP / FSDP
         see the forward."""
         multiple_choice = "correct" in inputs

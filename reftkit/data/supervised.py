@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .positions import PositionSpec, locate_all, parse_positions, split_untied, stack_locations
+from reftkit.positions import PositionSpec, locate_all, parse_positions, split_untied, stack_locations
 
 IGNORE_INDEX = -100
 
@@ -111,7 +111,7 @@ def _stack_padded(per_example: list[torch.Tensor]) -> torch.Tensor:
 def _specs_for(model: Any, positions: str | None, num_interventions: int | None,
                share_weights: bool) -> list[PositionSpec]:
     """One spec per intervention: from a ReftModel's config, or pyreft-style from the arguments."""
-    from .model import ReftModel
+    from reftkit.model import ReftModel
 
     if positions is None:
         if not isinstance(model, ReftModel):
@@ -190,7 +190,7 @@ def _example_locations(specs: list[PositionSpec], prompt_lengths: torch.Tensor,
 def _task_ids(model: Any, tasks: Sequence[str | None] | None, count: int) -> list[int] | None:
     if tasks is None:
         return None
-    from .model import ReftModel
+    from reftkit.model import ReftModel
 
     if not isinstance(model, ReftModel) or not model.task_names:
         raise DataError("tasks were given, but model is not a ReftModel whose config assigns entries to tasks")
@@ -266,7 +266,7 @@ def make_classification_data_module(
             bound = f"0..{len(names) - 1} (label_names={names})" if names else "a non-negative int"
             raise DataError(f"labels[{i}]={label!r} is out of range; expected {bound}")
         ids.append(value)
-    from .model import ReftModel
+    from reftkit.model import ReftModel
 
     spec_text = positions if positions is not None or isinstance(model, ReftModel) else "l1"
     specs = _specs_for(model, spec_text, num_interventions, True)

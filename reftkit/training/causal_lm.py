@@ -1,0 +1,74 @@
+"""The label-only causal-LM loss: the backbone runs with the interventions active and the LM head sees
+only the rows that carry a label, so no ``[B, T, vocab]`` logits are ever built."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reftkit.anatomy import find_backbone_and_head
+from reftkit.call_inputs import CALL_INPUTS
+from reftkit.model import ReftModel
+
+from .frozen_prefix import FrozenPrefixCache
+
+__all__ = ["causal_lm_loss"]
+
+
+def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None, intervention_locations: torch.Tensor | None = None,
+                   num_items_in_batch: torch.Tensor | int | None = None,
+                   prefix_cache: FrozenPrefixCache | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Causal-LM cross entropy of ``reft`` on unshifted ``labels``, with vocabulary logits only for the
+    labelled positions: ``hidden[:, :-1]`` rows whose ``labels[:, 1:]`` is not -100 are gathered and
+    only they go through the head. Returns ``{"loss", "logits" [N, vocab] of those rows (row-major)}``.
+
+    Reduction is HF's: ``sum / num_items_in_batch`` when given (gradient-accumulation correct), else
+    the mean over labelled tokens (0, not NaN, when a batch has none).
+
+    ``prefix_cache``: a :class:`~reftkit.prefix_cache.FrozenPrefixCache` of this ``reft``; batches whose
+    examples it holds run only the layers from the earliest intervention on.
+    """
+    if labels is None:
+        raise ValueError("causal_lm_loss needs labels ([batch, seq], -100 where unsupervised)")
+    if prefix_cache is not None and prefix_cache.reft is not reft:
+        raise ValueError("prefix_cache was built for another ReftModel; build one per model")
+    parts = find_backbone_and_head(reft)
+    call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}  # e.g. a mixed-task batch's "tasks"
+    with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"), **call):
+        if parts is None:
+            # Fallback: the model exposes no (backbone, head) pair we can trust to match its own
+            # forward, so run it whole; it computes logits for every position (correct, costlier).
+            out = reft.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                             num_items_in_batch=num_items_in_batch, **kwargs)
+            return {"loss": out.loss, "logits": out.logits}
+        backbone, head = parts
+
+        def label_only(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _label_only_loss(hidden, head, labels, num_items_in_batch)
+
+        if prefix_cache is not None:
+            hidden = prefix_cache.hidden_states(input_ids, attention_mask, score=lambda h: label_only(h)[0],
+                                                **kwargs)
+        else:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+    loss, logits = label_only(hidden)
+    return {"loss": loss, "logits": logits}
+
+
+def _label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                     num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
+    logits = head(rows).float()  # HF computes the loss in float32 too
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if num_items_in_batch is None:
+        loss = loss / keep.sum().clamp_min(1)
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, logits

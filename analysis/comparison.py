@@ -129,9 +129,9 @@ def _counts(adapted: Any, model: nn.Module) -> tuple[int, int]:
 def _train(adapted: Any, tokenizer: Any, method: Method, inputs: Sequence[str], outputs: Sequence[str],
            training: dict[str, Any], chat_template: bool, max_length: int | None,
            output_dir: str) -> tuple[float, float, _PeakMemory]:
-    import reftkit
     from transformers import TrainingArguments
 
+    import reftkit
     from reftkit.training import ReftTrainer
 
     if method.kind == "reft":

@@ -49,10 +49,10 @@ def sweep(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train_o
     ``"all"``), ``positions``, ``eval_loss``, ``base_eval_loss``, ``improvement`` (base − eval loss, in
     nats per token; higher is better), ``num_trainable_params`` and ``train_time``. ``model`` is left
     as it was."""
-    import reftkit
     from tqdm.auto import tqdm
     from transformers import TrainingArguments
 
+    import reftkit
     from reftkit.training import ReftTrainer
 
     if not layers or not positions:

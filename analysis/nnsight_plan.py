@@ -42,8 +42,7 @@ def portable(iv: nn.Module) -> tuple[str, dict[str, torch.Tensor], dict[str, Any
     Exact classes only (a subclass may change ``forward``); dropout must be inactive (eval mode or
     ``dropout=0``) and ``act_fn`` one of :data:`PORTABLE_ACTS`.
     """
-    from reftkit.interventions import (Addition, ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT, NoReFT,
-                                       Subtraction)
+    from reftkit.interventions import Addition, ConsReFT, DiReFT, LobiReFT, LoReFT, NodiReFT, NoReFT, Subtraction
 
     hp = getattr(iv, "hparams", {})
     if iv.training and float(hp.get("dropout", 0.0) or 0.0) > 0.0:

@@ -114,8 +114,8 @@ def worker_main(setup_dir: str) -> None:
     setup = torch.load(Path(setup_dir) / "setup.pt", weights_only=False)
     torch.set_num_threads(setup["threads"])
     torch.manual_seed(0)
-    import transformers
     import pyreft
+    import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(
         Path(setup_dir) / "model", torch_dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -420,10 +420,13 @@ def prepare_size(size: str, args, workroot: Path) -> dict:
     # -- correctness, eval mode
     reft.eval()
     with torch.no_grad():
-        use("bare"); bare_logits = model(input_ids=ids, attention_mask=mask).logits
-        use("hook"); hook_logits = model(input_ids=ids, attention_mask=mask).logits
+        use("bare")
+        bare_logits = model(input_ids=ids, attention_mask=mask).logits
+        use("hook")
+        hook_logits = model(input_ids=ids, attention_mask=mask).logits
         hook_loss = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
-        use("reft"); reft_out = reft(input_ids=ids, attention_mask=mask, labels=labels)
+        use("reft")
+        reft_out = reft(input_ids=ids, attention_mask=mask, labels=labels)
     reft_logits = reft_out.logits
     checks["reftkit_vs_hook"] = max_diff(reft_logits, hook_logits, mask)
     checks["reftkit_vs_bare (edit size)"] = max_diff(reft_logits, bare_logits, mask)

@@ -37,7 +37,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 from bench_core import capture_hooks, copy_hooks, gather_index, install_hooks, make_minimal_hook, quartiles
 
 RANK = 4

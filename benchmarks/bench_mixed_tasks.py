@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import (_timed, build_base, cpu_model, interleaved, paired_ratio, quartiles,  # noqa: E402
-                        write_section)
+from bench_core import _timed, build_base, cpu_model, interleaved, paired_ratio, quartiles, write_section  # noqa: E402
 
 KS = (1, 4, 16)
 BATCH = 16

@@ -102,10 +102,11 @@ def _load(workdir: Path, **dtype) -> tuple:
 
 
 def worker_pyreft(workdir: Path, extra: dict) -> dict:
+    from importlib.metadata import version
+
+    import pyreft
     import torch
     import transformers
-    import pyreft
-    from importlib.metadata import version
 
     setup = json.loads((workdir / "setup.json").read_text())
     torch.manual_seed(0)
@@ -176,11 +177,10 @@ def worker_main(name: str, workdir: str) -> None:
 def prepare(workdir: Path, n_train: int) -> dict:
     """Save the embedded SmolLM2 where transformers 4.45 can read it; render the examples."""
     import torch
+    from bench_core import save_for_445
 
     import reftkit
     from reftkit.data.datasets import define_word_dataset
-
-    from bench_core import save_for_445
 
     model, tokenizer = reftkit.load_model("smollm2")
     save_for_445(model.float(), workdir / "model")

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_core as bc  # noqa: E402
+
 from reftkit.structure import resolve_site  # noqa: E402
 
 

@@ -174,8 +174,8 @@ def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict, compile_
 
 
 def write(args, header: dict, head, epoch_tables: dict, epoch_setups: dict, checks: dict, not_measured: list[str]) -> None:
-    from bench_core import md_table, write_section
     import pandas as pd
+    from bench_core import md_table, write_section
     key = ",".join(args.sizes)
     if args.layers or args.variants:  # a focused run keeps the full run's section
         key += (f" layers={','.join(map(str, args.layers))}" if args.layers else "") + \

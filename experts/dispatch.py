@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .search import CEMResult, cem
 from .library import ExpertError, ExpertLibrary
 from .routing import ExpertRouter
+from .search import CEMResult, cem
 
 DISPATCH_TEMPLATE = ("Which category does this request belong to: {categories}?\n"
                      "Request: {prompt}\nCategory:")

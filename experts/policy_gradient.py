@@ -34,8 +34,8 @@ from torch import nn
 
 from reftkit.analysis import svf as svf_module
 from reftkit.analysis.baselines import PROMPT_METHODS, WeightSpaceModel
-from reftkit.model import ReftModel
 from reftkit.anatomy import find_backbone_and_head
+from reftkit.model import ReftModel
 
 if TYPE_CHECKING:
     import pandas

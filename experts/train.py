@@ -18,9 +18,9 @@ def train_expert(model: nn.Module, tokenizer: Any, inputs: Sequence[str], output
     """Attach ``config`` to ``model``, train it on ``inputs`` → ``outputs`` (loss on the outputs only,
     interventions at each entry's own positions over the prompt) and return the trained ReftModel.
     ``training``: further ``TrainingArguments`` fields."""
-    import reftkit
     from transformers import TrainingArguments, set_seed
 
+    import reftkit
     from reftkit.training import ReftTrainer
 
     set_seed(seed)

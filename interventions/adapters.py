@@ -44,7 +44,7 @@ Weights are float32; the edit is computed in float32 and cast back to ``h``'s dt
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -26,7 +26,7 @@ so ``raw`` gets zero gradient only in the columns after the last used one.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn

@@ -19,10 +19,6 @@ from .structure import COMPONENTS, Site, StructureError, resolve_site
 
 __version__ = "0.1.0"
 
-_CORE = [
-    "ReftConfig", "RepresentationConfig", "ReftModel", "get_reft_model", "ConfigError", "LoadError",
-    "PositionError", "StructureError", "COMPONENTS", "Site", "resolve_site", "parse_positions",
-]
 # submodule (relative to reftkit) -> the names it lends the top level
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "models.embedded": ("load_model", "smollm2_path", "minilm_path"),
@@ -32,5 +28,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "training.trainer": ("ReftTrainer",),
     "training.classifier": ("ReftForSequenceClassification",),
 }
-__getattr__, __dir__, _lazy = lazy_exports(__name__, _EXPORTS, globals())
-__all__ = _CORE + _lazy
+__getattr__, __dir__, _ = lazy_exports(__name__, _EXPORTS, globals())
+
+__all__ = [
+    # the core, imported with the package
+    "ReftConfig", "RepresentationConfig", "ReftModel", "get_reft_model", "ConfigError", "LoadError",
+    "PositionError", "StructureError", "COMPONENTS", "Site", "resolve_site", "parse_positions",
+    # lent by the other rooms, loaded on first use
+    "load_model", "smollm2_path", "minilm_path", "DataError", "ReftDataCollator",
+    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
+    "make_classification_data_module", "make_multiple_choice_data_module", "ReftTrainer",
+    "ReftForSequenceClassification",
+]

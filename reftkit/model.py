@@ -15,11 +15,11 @@ from torch import nn
 
 from reftkit.interventions import InterventionError
 
-from .config import ConfigError, ReftConfig, RepresentationConfig
 from .call_inputs import CALL_INPUTS, Collected, routing, subspace_masks
+from .config import ConfigError, ReftConfig, RepresentationConfig
 from .hooks import CallState, HookManager, Slot
-from .pyreft_import import load_pyreft
 from .positions import PositionSpec, check_locations, locate_all, sequence_extent, split_untied
+from .pyreft_import import load_pyreft
 from .serialization import load_reft, save_reft
 from .sources import record_sources
 from .structure import StructureError, num_layers, resolve_site

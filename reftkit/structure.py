@@ -14,10 +14,28 @@ from __future__ import annotations
 
 from torch import nn
 
-from .anatomy import (ACTIVATION_NAMES, ATTENTION_NAMES, DOWN_PROJECTION_NAMES, FUSED_QKV_NAMES, KEY_NAMES,
-                      MLP_NAMES, OUTPUT_PROJECTION_NAMES, QUERY_NAMES, UP_PROJECTION_NAMES, VALUE_NAMES,
-                      arch_name, config_int, feature_sizes, feature_sizes_at, find_layers, find_part,
-                      hidden_size, is_activation, num_layers, text_config)
+from .anatomy import (
+    ACTIVATION_NAMES,
+    ATTENTION_NAMES,
+    DOWN_PROJECTION_NAMES,
+    FUSED_QKV_NAMES,
+    KEY_NAMES,
+    MLP_NAMES,
+    OUTPUT_PROJECTION_NAMES,
+    QUERY_NAMES,
+    UP_PROJECTION_NAMES,
+    VALUE_NAMES,
+    arch_name,
+    config_int,
+    feature_sizes,
+    feature_sizes_at,
+    find_layers,
+    find_part,
+    hidden_size,
+    is_activation,
+    num_layers,
+    text_config,
+)
 from .sites import FusedSlice, Site, StructureError
 
 __all__ = ["COMPONENTS", "HEAD_COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",

@@ -25,10 +25,11 @@ from transformers import TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import reftkit  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
-from reftkit.training.distributed import full_parameters  # noqa: E402
+
+import reftkit  # noqa: E402
 from reftkit.training import ReftForSequenceClassification, ReftTrainer  # noqa: E402
+from reftkit.training.distributed import full_parameters  # noqa: E402
 
 REFT_CONFIG = {"layer": [0, 1], "component": "block_output", "positions": "l1", "intervention": "loreft",
                "low_rank_dimension": 4}

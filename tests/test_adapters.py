@@ -14,18 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt2
 from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-from conftest import tiny_gpt2
-
 import reftkit
 from reftkit.config import ConfigError
 from reftkit.interventions import AdapterFusion, BottleneckAdapter, InterventionError, get_intervention_class
-from reftkit.interventions.adapter_placement import (bottleneck_representations, fusion_regularization_loss,
-                                                     fusion_representations, houlsby_representations,
-                                                     pfeiffer_representations)
+from reftkit.interventions.adapter_placement import (
+    bottleneck_representations,
+    fusion_regularization_loss,
+    fusion_representations,
+    houlsby_representations,
+    pfeiffer_representations,
+)
 
 GOLDENS = Path(__file__).parent / "goldens" / "adapters"
 MANIFEST = json.loads((GOLDENS / "manifest.json").read_text())

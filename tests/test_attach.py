@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pad_batch, tiny_gpt2, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reftkit
 import reftkit.interventions
-from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 SEQS = [[5, 9, 14, 3, 22, 8, 40], [7, 11, 19]]
 BASE = {"layer": 1, "component": "block_output", "positions": "l1", "intervention": "loreft",

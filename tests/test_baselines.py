@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 from transformers import TrainingArguments
 
 import reftkit
-from conftest import tiny_llama, tiny_tokenizer
 from reftkit.analysis.baselines import PROMPT_METHODS, WEIGHT_SPACE_METHODS, get_weight_space_model
 from reftkit.training import ReftTrainer, causal_lm_loss
 

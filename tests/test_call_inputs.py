@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pad_batch, tiny_gpt2, tiny_llama
 from torch import nn
 
 import reftkit
 from reftkit.interventions import Intervention
 from reftkit.structure import StructureError, resolve_site
-
-from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 SEQS = [[5, 9, 14, 22, 7], [11, 3, 8], [30, 31, 32, 33, 34, 35, 36]]
 SRC = [[40, 41, 42, 43], [50, 51, 52, 53, 54, 55], [60, 61, 62]]
@@ -128,7 +127,7 @@ def test_interchange_from_a_source_run_matches_manual_patching(build, side):
         src_h = base(input_ids=src_ids, attention_mask=src_mask, output_hidden_states=True).hidden_states[2]
 
     def last_two(m):
-        n, L = m.sum(1), m.shape[1]
+        n = m.sum(1)
         start = m.argmax(1)
         return torch.stack([start + n - 2, start + n - 1], 1)
     b_pos, s_pos = last_two(mask), last_two(src_mask)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 
 import reftkit
-from conftest import tiny_llama, tiny_tokenizer
 from reftkit.analysis import Method, compare, plot_comparison
 from reftkit.analysis.text_metrics import generate_predictions, text_scores
 

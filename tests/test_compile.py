@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pad_batch, tiny_llama
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import reftkit
-from conftest import pad_batch, tiny_llama
 from reftkit.training import causal_lm_loss
 
 CONFIG = {"layer": [0, 1], "component": "block_output", "positions": "f2+l2", "intervention": "loreft",

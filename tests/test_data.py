@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 
 import reftkit
-from conftest import tiny_llama, tiny_tokenizer
 from reftkit.data import DataError, length_grouped_order
 
 PROMPTS = ["what is the capital of france ?", "define dog .", "how many legs ?"]

@@ -7,8 +7,18 @@ from conftest import tiny_llama, tiny_tokenizer
 
 import reftkit
 from reftkit.analysis.svf import apply_svf, remove_svf, svf_modules
-from reftkit.experts import (ExpertError, ExpertLibrary, ExpertRouter, cem, expert_dispatch, few_shot_weights,
-                             mix_parameters, prompt_dispatch, train_dispatch_expert, two_pass_generate)
+from reftkit.experts import (
+    ExpertError,
+    ExpertLibrary,
+    ExpertRouter,
+    cem,
+    expert_dispatch,
+    few_shot_weights,
+    mix_parameters,
+    prompt_dispatch,
+    train_dispatch_expert,
+    two_pass_generate,
+)
 from reftkit.interventions import LoReFT, Mixture
 from reftkit.interventions.scaling import ia3_representations
 

@@ -13,6 +13,7 @@ import peft  # a normal dependency: this test runs in CI, it is not skipped
 import pytest
 import torch
 import transformers as tf
+from conftest import pad_batch, tiny_gpt2, tiny_llama
 from peft.tuners.ia3 import IA3Layer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as PEFT_FF
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT_TARGETS
@@ -22,8 +23,6 @@ from reftkit.config import ConfigError
 from reftkit.interventions import IA3, InterventionError, get_intervention_class
 from reftkit.interventions.scaling import PEFT_IA3_DEFAULTS, ia3_representations
 from reftkit.structure import num_layers, resolve_site
-
-from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 SEQS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13], [1, 14, 15, 16, 17, 18]]
 

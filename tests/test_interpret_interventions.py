@@ -7,9 +7,19 @@ import json
 import pytest
 import torch
 
-from reftkit.interventions import (ALIASES, INTERVENTIONS, InterventionError, LoReFT, get_intervention_class)
-from reftkit.interventions.interpret import (FAMILY, Addition, Collect, Interchange, LowRankRotatedSpace,
-                                             MeanAblation, Noise, RotatedSpace, Subtraction, ZeroAblation)
+from reftkit.interventions import ALIASES, INTERVENTIONS, InterventionError, LoReFT, get_intervention_class
+from reftkit.interventions.interpret import (
+    FAMILY,
+    Addition,
+    Collect,
+    Interchange,
+    LowRankRotatedSpace,
+    MeanAblation,
+    Noise,
+    RotatedSpace,
+    Subtraction,
+    ZeroAblation,
+)
 from reftkit.interventions.reft import REFT_FAMILY
 
 D, R = 12, 4

@@ -4,8 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reftkit.interventions import (ConsReFT, DiReFT, InterventionError, LobiReFT, LoReFT,
-                                   LoreftIntervention, NodiReFT, NoReFT, get_intervention_class)
+from reftkit.interventions import (
+    ConsReFT,
+    DiReFT,
+    InterventionError,
+    LobiReFT,
+    LoReFT,
+    LoreftIntervention,
+    NodiReFT,
+    NoReFT,
+    get_intervention_class,
+)
 from reftkit.interventions.reft import REFT_FAMILY
 
 D, R = 16, 3

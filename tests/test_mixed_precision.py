@@ -2,9 +2,9 @@
 but an intervention keeps its own float32 arithmetic: its output must equal the intervention applied
 in float32, outside autocast, to the rows it received."""
 import torch
+from conftest import tiny_llama
 
 import reftkit
-from conftest import tiny_llama
 
 
 def _edited_model():

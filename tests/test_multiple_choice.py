@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
+from test_text_metrics import tiny_tokenizer
 
 import reftkit
-from conftest import tiny_gpt2, tiny_llama
 from reftkit.analysis.multiple_choice import accuracy, choice_logprobs, rank_classify
-from test_text_metrics import tiny_tokenizer
 
 PROMPTS = ["the cat sat on", "what is big ?", "who bit the man who was not a red dog", "it"]
 CHOICES = [["a mat", "the dog bit the man", "no"], ["yes", "no"], ["the cat", "a blue man", "it", "green"],

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pad_batch, patching_case, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import reftkit
 from reftkit.analysis import nnsight_tools as nt
 from reftkit.analysis.nnsight_plan import STAGES, static_order
 from reftkit.analysis.patching import activation_patching
 from reftkit.structure import StructureError, resolve_site
-
-from conftest import pad_batch, patching_case, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 SEQS = [[1, 5, 6, 7, 8, 9], [1, 8, 9], [1, 4]]
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import torch
 
 matplotlib.use("Agg")
 
+from conftest import patching_case, tiny_llama, tiny_tokenizer
+
 import reftkit
 from reftkit.analysis.patching import activation_patching, mean_activation, plot_patching, steering_vector
-
-from conftest import patching_case, tiny_llama, tiny_tokenizer
 
 POS = ["good movie", "great movie yes", "good good dog"]
 NEG = ["bad movie", "awful movie no", "bad cat"]

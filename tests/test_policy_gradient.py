@@ -8,13 +8,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import WORDS, pad_batch, tiny_llama, tiny_tokenizer
 
 import reftkit
-from conftest import WORDS, pad_batch, tiny_llama, tiny_tokenizer
 from reftkit.analysis.baselines import get_weight_space_model
 from reftkit.analysis.svf import apply_svf
-from reftkit.experts.policy_gradient import (check_rewards, completion_logprobs, policy_gradient_step,
-                                             reinforce_loss, train_policy_gradient)
+from reftkit.experts.policy_gradient import (
+    check_rewards,
+    completion_logprobs,
+    policy_gradient_step,
+    reinforce_loss,
+    train_policy_gradient,
+)
 
 PROMPT_TOKENS = [[1, 5, 9, 14], [1, 7], [1, 20, 21, 22, 23]]
 COMPLETION_TOKENS = [[30, 31, 2], [40], [50, 51]]

@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reftkit.positions import (PositionError, PositionSpec, check_locations, locate, parse_positions,
-                               sequence_extent, split_untied)
+from reftkit.positions import (
+    PositionError,
+    PositionSpec,
+    check_locations,
+    locate,
+    parse_positions,
+    sequence_extent,
+    split_untied,
+)
 
 
 @pytest.mark.parametrize("text, spec", [
@@ -45,9 +52,9 @@ def test_left_and_right_padding_select_the_same_tokens():
     right = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
     left = right.flip(1)
     for text in ("l1", "f2+l2", "f3", "all"):
-        r, l = _locate(text, right), _locate(text, left)
+        r, lft = _locate(text, right), _locate(text, left)
         offset = torch.tensor([6 - n for n in lengths])[:, None]
-        assert torch.equal(torch.where(r >= 0, r + offset, -1), l), text
+        assert torch.equal(torch.where(r >= 0, r + offset, -1), lft), text
 
 
 def test_short_sequences_never_overlap_and_keep_the_last_token():

@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-
-import reftkit
 from conftest import tiny_gpt2, tiny_llama
 from ddp_worker import Collator, LMData, training_args
-from reftkit.training.frozen_prefix import FrozenPrefixCache, PrefixCacheError
+
+import reftkit
 from reftkit.training import ReftForSequenceClassification, ReftTrainer, causal_lm_loss
+from reftkit.training.frozen_prefix import FrozenPrefixCache, PrefixCacheError
 
 # Earliest interventions in layer 1 (its block_input and block_output), another two layers higher.
 CONFIG = [{"layer": [1, 3], "component": "block_output", "positions": "f1+l1", "intervention": "loreft",

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_llama, tiny_tokenizer
 from ddp_worker import training_args
+
 from reftkit.analysis import EnsemblePrediction, PromptEnsembleModel, get_prompt_ensemble, majority_vote
 from reftkit.analysis.prompt_ensemble import ensemble_rank_classify
-from reftkit.data.multiple_choice import make_multiple_choice_data_module
 from reftkit.data import make_last_position_supervised_data_module
-from reftkit.training.objectives import multiple_choice_loss
+from reftkit.data.multiple_choice import make_multiple_choice_data_module
 from reftkit.training import ReftTrainer
+from reftkit.training.objectives import multiple_choice_loss
 
 N_VIRTUAL = 4
 

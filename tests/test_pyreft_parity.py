@@ -91,7 +91,8 @@ def test_unreadable_pyreft_folder_errors(tmp_path):
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     with pytest.raises(reftkit.LoadError, match=r"intkey_layer_0_comp_block_output_unit_pos_nunit_1#0\.bin is missing"):
         reftkit.ReftModel.from_pyreft(_base("llama"), tmp_path)
-    import pickle, collections  # noqa: E401 - build a pickle that weights_only must refuse
+    import collections
+    import pickle  # noqa: E401 - build a pickle that weights_only must refuse
     for f in src.glob("intkey_*.bin"):
         (tmp_path / f.name).write_bytes(pickle.dumps(collections.Counter(a=1)))
     with pytest.raises(reftkit.LoadError, match=r"could not be read safely \(weights_only=True\)"):

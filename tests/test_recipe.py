@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from reftkit.cli import main
 
 PAIRS = [("what is the capital of france ?", "paris ."), ("define dog .", "an animal that barks ."),

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 import reftkit
-from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 SEQS = [[5, 9, 14, 3, 22, 8, 40], [7, 11, 19], [31, 6, 12, 44, 9]]
 

@@ -15,14 +15,26 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 matplotlib.use("Agg")
 
+from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+
 import reftkit
 from reftkit.analysis.representations import (
-    fit_pca, hidden_states, pca_before_after, plot_pca, plot_representation_changes, representation_changes)
+    fit_pca,
+    hidden_states,
+    pca_before_after,
+    plot_pca,
+    plot_representation_changes,
+    representation_changes,
+)
 from reftkit.analysis.subspaces import (
-    logit_lens, lora_subspaces, plot_logit_lens, plot_subspace_similarity, principal_angles, reft_subspaces,
-    subspace_similarity)
-
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+    logit_lens,
+    lora_subspaces,
+    plot_logit_lens,
+    plot_subspace_similarity,
+    principal_angles,
+    reft_subspaces,
+    subspace_similarity,
+)
 
 PROMPTS = ["what is the capital of france", "good movie", "the sky is blue yes", "tell me about it"]
 LAYER = 1  # where the LoReFT acts, in a 3-layer tiny Llama

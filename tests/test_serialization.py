@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import pad_batch, tiny_gpt2, tiny_llama
 
 import reftkit
-from conftest import pad_batch, tiny_gpt2, tiny_llama
 from reftkit.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 SEQS = [[5, 9, 14, 3, 22, 8, 40], [7, 11, 19]]

@@ -18,8 +18,16 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
-from reftkit.structure import (COMPONENTS, FusedSlice, Site, StructureError, find_layers,
-                               hidden_size, num_layers, resolve_site)
+from reftkit.structure import (
+    COMPONENTS,
+    FusedSlice,
+    Site,
+    StructureError,
+    find_layers,
+    hidden_size,
+    num_layers,
+    resolve_site,
+)
 
 _C = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
           intermediate_size=48, max_position_embeddings=64)

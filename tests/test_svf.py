@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
-from conftest import tiny_llama
-from reftkit.analysis.svf import (SVFLinear, apply_svf, load_svf, remove_svf, save_svf, svf_disabled, svf_modules,
-                                  svf_parameter_count)
+from reftkit.analysis.svf import (
+    SVFLinear,
+    apply_svf,
+    load_svf,
+    remove_svf,
+    save_svf,
+    svf_disabled,
+    svf_modules,
+    svf_parameter_count,
+)
 
 
 def _ids():

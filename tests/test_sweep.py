@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 
 import reftkit
-from conftest import tiny_llama, tiny_tokenizer
 from reftkit.analysis import plot_sweep, sweep
 
 INPUTS = ["what is the capital of france ?", "define dog", "how many legs spider ?", "colour sky ?"]

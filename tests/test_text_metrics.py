@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from rouge_score import rouge_scorer, tokenizers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 import reftkit
-from conftest import tiny_llama
-from reftkit.analysis.text_metrics import (CJKTokenizer, bleu4, evaluate_generation, exact_match, generate_predictions,
-                                           generation_scores, has_cjk, rouge, text_scores)
+from reftkit.analysis.text_metrics import (
+    CJKTokenizer,
+    bleu4,
+    evaluate_generation,
+    exact_match,
+    generate_predictions,
+    generation_scores,
+    has_cjk,
+    rouge,
+    text_scores,
+)
 
 WORDS = ("the cat sat on a mat dog bit man it was not big red blue green user assistant : . ? "
          "what is where who yes no").split()

@@ -6,16 +6,22 @@ import math
 
 import pytest
 import torch
-
-import reftkit
 from conftest import tiny_llama, tiny_tokenizer
 from ddp_worker import training_args
+
+import reftkit
 from reftkit.analysis.multiple_choice import accuracy, choice_logprobs, rank_classify
-from reftkit.data.multiple_choice import MultipleChoiceDataCollator, make_multiple_choice_data_module
 from reftkit.data import DataError
-from reftkit.training.objectives import (check_loss_terms, choice_token_logprobs, length_normalized_loss,
-                                multiple_choice_loss, tfew_loss, unlikelihood_loss)
+from reftkit.data.multiple_choice import MultipleChoiceDataCollator, make_multiple_choice_data_module
 from reftkit.training import ReftForSequenceClassification, ReftTrainer
+from reftkit.training.objectives import (
+    check_loss_terms,
+    choice_token_logprobs,
+    length_normalized_loss,
+    multiple_choice_loss,
+    tfew_loss,
+    unlikelihood_loss,
+)
 
 PROMPTS = ["what is the capital of france ?", "dog that barks", "how many legs spider ?", "sky"]
 CHOICES = [["paris", "blue dog", "eight"], ["yes", "no"], ["eight legs", "a cat", "it", "good"], ["blue", "bad movie"]]

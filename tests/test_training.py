@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from accelerate.utils import FullyShardedDataParallelPlugin
+from conftest import tiny_gpt2, tiny_llama
+from ddp_worker import REFT_CONFIG, SGD, Collator, LMData, make_reft, train, train_classifier, training_args
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import reftkit
-from conftest import tiny_gpt2, tiny_llama
-from ddp_worker import REFT_CONFIG, SGD, Collator, LMData, make_reft, train, train_classifier, training_args
-from reftkit.training.distributed import check_fsdp_plugin
 from reftkit.anatomy import find_backbone_and_head
 from reftkit.training import ReftForSequenceClassification, ReftTrainer, causal_lm_loss, load_interventions
+from reftkit.training.distributed import check_fsdp_plugin
 
 TESTS = Path(__file__).resolve().parent
 

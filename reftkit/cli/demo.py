@@ -49,7 +49,7 @@ def training_batch(tokenizer: Any, pairs: list[tuple[str, str]]) -> dict[str, to
     return {
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([l + [-100] * (width - len(l)) for l in labels]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
         "intervention_locations": torch.tensor(last)[:, None],
     }
 

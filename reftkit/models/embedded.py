@@ -51,8 +51,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
-from .disk_cache import embedded_cache_dir, file_lock, log as _log, make_readable, remove_stale_tmp
+from .disk_cache import embedded_cache_dir, file_lock, make_readable, remove_stale_tmp
+from .disk_cache import log as _log
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch

@@ -9,7 +9,6 @@ quantised that ``save_pretrained`` refuses to write.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path

@@ -22,7 +22,6 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import save_fsdp_optimizer
 from torch import nn
 from transformers import Trainer, TrainingArguments

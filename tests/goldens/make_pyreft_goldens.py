@@ -433,7 +433,7 @@ def main():
                   metadata=st_meta({"arch": arch, "note": "plain base model forward, no interventions"}))
         arch_info = OrderedDict(
             base_class=type(base).__name__,
-            representations=[{"layer": l, "component": c} for l, c in reps],
+            representations=[{"layer": layer, "component": c} for layer, c in reps],
             interventions=OrderedDict(),
         )
         for idx, name in enumerate(INTERVENTIONS):

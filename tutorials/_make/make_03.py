@@ -1,7 +1,6 @@
 """Writes tutorials/03_interpretability.ipynb; with ``--execute`` also runs it with the full parameters
 (about 13 minutes on one CPU thread) and stores the outputs, as committed."""
 import nbformat as nbf
-
 from notebook_writer import write
 
 nb = nbf.v4.new_notebook()

@@ -1,7 +1,6 @@
 """Writes tutorials/05_reft_vs_lora.ipynb; with ``--execute`` also runs it with the full parameters and
 stores the outputs, as committed."""
 import nbformat as nbf
-
 from notebook_writer import write
 
 nb = nbf.v4.new_notebook()

@@ -71,8 +71,8 @@ code("""def train(adapted, lr, seed=0):
                                                                chat_template=True)
     steps = -(-len(train_in) // 8) * EPOCHS
     args = TrainingArguments(output_dir="tmp_04", num_train_epochs=EPOCHS, per_device_train_batch_size=8,
-                             learning_rate=lr, lr_scheduler_type="linear", warmup_steps=min(10, steps // 10), report_to=[],
-                             save_strategy="no", use_cpu=True, seed=seed, disable_tqdm=True)
+                             learning_rate=lr, lr_scheduler_type="linear", warmup_steps=min(10, steps // 10),
+                             report_to=[], save_strategy="no", use_cpu=True, seed=seed, disable_tqdm=True)
     result = ReftTrainer(model=adapted, args=args, train_dataset=module["train_dataset"],
                          data_collator=module["data_collator"]).train()
     adapted.eval()
@@ -130,7 +130,8 @@ md("""## 2. PCA before and after
 A PCA fitted on the base model's last-token states at one layer; base and adapted states projected on
 it, with an arrow from each prompt's base state to its adapted state."""),
 code("""pca = pca_before_after(loreft, tokenizer, prompts, layer=PCA_LAYER, position="last", progress=False)
-print("explained variance ratio of the base states:", [round(float(v), 3) for v in pca.attrs["explained_variance_ratio"]])
+print("explained variance ratio of the base states:",
+      [round(float(v), 3) for v in pca.attrs["explained_variance_ratio"]])
 plot_pca(pca, title=f"LoReFT, layer {PCA_LAYER}, last prompt token")"""),
 code("""plot_pca(pca_before_after(lora, tokenizer, prompts, layer=PCA_LAYER, position="last", progress=False),
          title=f"LoRA, layer {PCA_LAYER}, last prompt token")"""),

@@ -104,7 +104,8 @@ md("""## 2. Routes: experts and mixtures, one per row
 An `ExpertRouter` attaches every route to the model at once — here the three experts, an even blend, and a
 one-hot "mixture" — as one mixed-task `ReftModel`, so a batch whose rows take different routes runs in one
 forward. A route of `None` is the base model. The one-hot mixture reproduces its expert bit for bit:"""),
-code("""router = ExpertRouter(model, library, {**{t: t for t in TASKS}, "blend": [1 / 3] * 3, "one-hot": [1.0, 0.0, 0.0]})
+code("""router = ExpertRouter(model, library, {**{t: t for t in TASKS}, "blend": [1 / 3] * 3,
+                                       "one-hot": [1.0, 0.0, 0.0]})
 enc = tokenizer([families["sentiment"]["eval"][0]["prompt"]] * 2, return_tensors="pt")
 with torch.no_grad():
     both = router.reft(**enc, tasks=["sentiment", "one-hot"]).logits
@@ -196,7 +197,8 @@ as its default). It writes the table to `benchmarks/RESULTS.md` and
 `benchmarks/experts_dispatch.csv`, shown here when present:"""),
 code("""csv = Path(reftkit.__file__).resolve().parents[1] / "benchmarks" / "experts_dispatch.csv"
 full = pd.read_csv(csv) if csv.is_file() else None
-full.round(1) if full is not None else print("benchmarks/experts_dispatch.csv not found (installed without the repo)")"""),
+full.round(1) if full is not None else print(
+    "benchmarks/experts_dispatch.csv not found (installed without the repo)")"""),
 md("""**Reading the tables.** The oracle row is what the experts can do when every prompt reaches its own
 expert; a dispatcher can at best match it, and its routing accuracy says how much it loses on the way. In the
 full-size run the classification expert routed every held-out prompt correctly and so matched the oracle;

@@ -131,7 +131,8 @@ md("""## 2. T-Few's recipe on IA3 and LoReFT
 $L_{LM} = -\\frac{1}{T(y)}\\sum_t \\log p(y_t \\mid x, y_{<t})$, T-Few adds
 
 * an **unlikelihood** loss that pushes the tokens of the *wrong* choices down:
-  $$L_{UL} = -\\frac{\\sum_{n \\ne c} \\sum_{t=1}^{T(\\hat y^{(n)})} \\log\\bigl(1 - p(\\hat y^{(n)}_t \\mid x, \\hat y^{(n)}_{<t})\\bigr)}
+  $$L_{UL} = -\\frac{\\sum_{n \\ne c} \\sum_{t=1}^{T(\\hat y^{(n)})}
+  \\log\\bigl(1 - p(\\hat y^{(n)}_t \\mid x, \\hat y^{(n)}_{<t})\\bigr)}
   {\\sum_{n \\ne c} T(\\hat y^{(n)})}$$
 * a **length-normalised** loss, a softmax cross entropy over the choices' scores $\\beta$ of section 1 — the very
   quantity rank classification compares:
@@ -186,7 +187,7 @@ for method, config, learning_rate in [("IA3", ia3_config, 1e-2), ("LoReFT", lore
         torch.manual_seed(0)   # the same initial LoReFT for both losses
         adapted = reftkit.get_reft_model(model, config)
         seconds, train_loss = fit(adapted, terms, learning_rate)
-        trainable = adapted.parameter_counts()["trainable_intervention"]
+        trainable = adapted.parameter_counts()["trainable"]
         rows.append({"method": method, "loss": loss_name, "trainable params": trainable, "train time (s)": seconds,
                      "mean train loss": train_loss, **held_out_accuracy(adapted)})
         model = adapted.detach()   # the base is bit-identical again
@@ -258,12 +259,13 @@ $$L = -\\frac{1}{N}\\sum_j r_j \\sum_t \\log \\pi(y_{jt} \\mid x_j, y_{j,<t})
 \\pi(\\cdot \\mid x_j, y_{j,<t})\\bigr),$$
 
 where $\\pi_{ref}$ is the base model (SVF switched off) and
-$\\mathrm{KL}(\\pi_{ref}\\|\\pi) = \\sum_v \\pi_{ref}(v)\\,(\\log\\pi_{ref}(v) - \\log\\pi(v))$ keeps the policy near it.
-`train_policy_gradient` runs it with the released code's defaults (AdamW, learning rate 2e-3, gradient norm
+$\\mathrm{KL}(\\pi_{ref}\\|\\pi) = \\sum_v \\pi_{ref}(v)\\,(\\log\\pi_{ref}(v) - \\log\\pi(v))$ keeps the policy
+near it. `train_policy_gradient` runs it with the released code's defaults (AdamW, learning rate 2e-3, gradient norm
 clipped to 1e-3); the reward here is +1 when the **first generated word** of the answer to a sentiment prompt
 is the right label (case and punctuation ignored), −1 otherwise. Held-out accuracy uses the same rule on a
 greedy answer."""),
-code("""answer_of = {r["prompt"]: r["answer"].strip() for split in ("train", "eval") for r in families["sentiment"][split]}
+code("""answer_of = {r["prompt"]: r["answer"].strip()
+             for split in ("train", "eval") for r in families["sentiment"][split]}
 
 
 def first_word(text):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from reftkit.model import ReftModel
+from reftkit.training.logprobs import continuation_logprobs, label_positions, predicting_states
 
 from .common import model_device
 
@@ -47,24 +48,17 @@ def _batch_scores(model: Any, prompt_ids: list[list[int]], choice_ids: list[list
         ids[row, :len(p) + len(c)] = torch.tensor(p + c, device=device)
     cols = torch.arange(width, device=device)
     mask = (cols < (p_len + c_len)[:, None]).long()
+    prompt_mask = (cols < p_len[:, None]).long()  # a ReftModel's positions are resolved on the prompt alone
 
     if isinstance(model, ReftModel):
         locations = locations_fn(p_len, mask) if locations_fn is not None else None
-        prompt_mask = (cols < p_len[:, None]).long()  # positions resolved on the prompt alone
         with model.intervening(input_ids=ids, attention_mask=prompt_mask, intervention_locations=locations):
-            logits = model.model(input_ids=ids, attention_mask=mask).logits
+            states, head = predicting_states(model, ids, mask)
     else:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-
-    # Choice token j sits at column p_len + j and is predicted by the logits at p_len + j - 1:
-    # gather just those rows so log_softmax runs over [batch, choice_len, vocab], not the full width.
-    j = torch.arange(int(c_len.max()), device=device)
-    valid = j < c_len[:, None]
-    src = torch.where(valid, p_len[:, None] - 1 + j, 0)
-    rows = logits.gather(1, src[..., None].expand(-1, -1, logits.shape[-1])).float().log_softmax(-1)
-    targets = ids.gather(1, torch.where(valid, src + 1, 0))
-    token_lp = rows.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)
-    total = token_lp.sum(1)
+        states, head = model(input_ids=ids, attention_mask=mask).logits, None
+    # the choice's own columns are its labels: choice token j is read where it is predicted, p_len + j - 1
+    labels = ids.masked_fill(prompt_mask.bool() | ~mask.bool(), -100)
+    total = continuation_logprobs(states, *label_positions(labels), head).token_logprobs.sum(1)
     return (total / c_len if length_normalised else total).tolist()
 
 

@@ -194,8 +194,9 @@ class PromptEnsembleModel(nn.Module):
 
     def print_trainable_parameters(self) -> str:
         counts = self.parameter_counts()
+        share = 100.0 * counts["trainable"] / max(counts["model"], 1)
         text = (f"prompt_ensemble ({self.num_prompts} prompts): trainable params: {counts['trainable']:,} || model "
-                f"params: {counts['model']:,} || trainable%: {100.0 * counts['trainable'] / max(counts['model'], 1):.6f}")
+                f"params: {counts['model']:,} || trainable%: {share:.6f}")
         print(text)
         return text
 
@@ -228,8 +229,8 @@ class PromptEnsembleModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_file({"prompts": self.model.prompts.detach().cpu().contiguous()}, str(path / WEIGHTS_NAME))
         count, n, width = self.model.prompts.shape
-        (path / CONFIG_NAME).write_text(json.dumps({"method": self.method, "num_prompts": count,
-                                                    "num_virtual_tokens": n, "hidden_size": width, **self.init_options}))
+        config = {"method": self.method, "num_prompts": count, "num_virtual_tokens": n, "hidden_size": width}
+        (path / CONFIG_NAME).write_text(json.dumps({**config, **self.init_options}))
         return path
 
     def load_trained(self, path: str | Path) -> None:

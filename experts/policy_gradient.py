@@ -34,8 +34,8 @@ from torch import nn
 
 from reftkit.analysis import svf as svf_module
 from reftkit.analysis.baselines import PROMPT_METHODS, WeightSpaceModel
-from reftkit.anatomy import find_backbone_and_head
 from reftkit.model import ReftModel
+from reftkit.training.logprobs import continuation_logprobs, predicting_states
 
 if TYPE_CHECKING:
     import pandas
@@ -102,8 +102,7 @@ def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, completion_i
     prompt_method = isinstance(model, WeightSpaceModel) and model.method in PROMPT_METHODS
     extra = {} if prompt_method else {"position_ids": position_ids}  # peft ignores them with a warning
     wrapped = model if isinstance(model, (ReftModel, WeightSpaceModel)) else \
-        types.SimpleNamespace(model=model, label_only_loss=True)  # the shape find_backbone_and_head reads
-    parts = find_backbone_and_head(wrapped)
+        types.SimpleNamespace(model=model, label_only_loss=True)  # the shape predicting_states reads
     arm: Any = contextlib.nullcontext()
     if isinstance(model, ReftModel):
         if intervention_locations is None:
@@ -111,27 +110,15 @@ def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, completion_i
         arm = model.intervening(ids, mask, intervention_locations)
     elif intervention_locations is not None:
         raise ValueError(f"intervention_locations applies to a ReftModel only, not {type(model).__name__}")
-    keep = completion_mask.bool()
     # completion token t is predicted at the previous real column: the prompt's last real token for
     # t = 0 (column P - 1 only when the prompt is left-padded), else column P + t - 1
     last = width - 1 - prompt_mask.flip(1).argmax(1)
     src = torch.arange(width - 1, width - 1 + length, device=device).expand(len(ids), -1).clone()
     src[:, 0] = last
-
-    def pick(states: torch.Tensor) -> torch.Tensor:
-        return states.gather(1, src[..., None].expand(-1, -1, states.shape[-1]))[keep]
-
     with arm:
-        if parts is None:
-            # no trustworthy (backbone, head) pair: full logits; prompt methods prepend virtual tokens
-            rows = pick(wrapped.model(input_ids=ids, attention_mask=mask, **extra).logits[:, -ids.shape[1]:])
-        else:
-            backbone, head = parts
-            rows = head(pick(backbone(input_ids=ids, attention_mask=mask, **extra)[0]))
-    rows = rows.float().log_softmax(-1)
-    picked = rows.gather(-1, completion_ids[keep][:, None]).squeeze(-1)
-    token_lp = torch.zeros(completion_ids.shape, dtype=picked.dtype, device=device).masked_scatter(keep, picked)
-    return CompletionLogprobs(token_lp, keep, rows if return_rows else None)
+        states, head = predicting_states(wrapped, ids, mask, **extra)
+    out = continuation_logprobs(states, src, completion_ids, completion_mask, head)
+    return CompletionLogprobs(out.token_logprobs, out.mask, out.rows if return_rows else None)
 
 
 def reinforce_loss(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
@@ -158,7 +145,8 @@ def reinforce_loss(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     if ref_rows is not None:
         ref_rows = ref_rows.detach().to(out.rows.device, out.rows.dtype)
         if ref_rows.shape != out.rows.shape:
-            raise ValueError(f"ref_rows has shape {tuple(ref_rows.shape)}, the completions' rows {tuple(out.rows.shape)}")
+            raise ValueError(f"ref_rows has shape {tuple(ref_rows.shape)}, "
+                             f"the completions' rows {tuple(out.rows.shape)}")
         kl = F.kl_div(out.rows, ref_rows, log_target=True, reduction="sum") / count
     return {"loss": pg + kl_coef * kl, "pg": pg, "kl": kl}
 

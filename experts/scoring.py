@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from reftkit.training.logprobs import continuation_logprobs, label_positions
+
 #: ``logits(input_ids, attention_mask, prompt_mask, rows)`` → ``[B, T, vocab]``; ``prompt_mask`` covers the
 #: prompt tokens only (where interventions are placed), ``rows`` are the batch rows' indices in the input
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
@@ -47,13 +49,11 @@ def answer_scores(logits_fn: LogitsFn, tokenizer: Any, prompts: Sequence[str], a
         mask = (cols < (p_len + a_len)[:, None]).long()
         prompt_mask = (cols < p_len[:, None]).long()
         logits = logits_fn(ids.to(device), mask.to(device), prompt_mask.to(device), rows).float().cpu()
-        j = torch.arange(int(a_len.max()))
-        valid = j < a_len[:, None]
-        src = torch.where(valid, p_len[:, None] - 1 + j, 0)  # answer token j is predicted at p_len + j - 1
-        picked = logits.gather(1, src[..., None].expand(-1, -1, logits.shape[-1]))
-        targets = ids.gather(1, torch.where(valid, src + 1, 0))
-        token_lp = picked.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-        hits = (picked.argmax(-1) == targets) | ~valid
+        labels = ids.masked_fill(prompt_mask.bool() | ~mask.bool(), -100)  # the answer's own columns
+        positions, targets, valid = label_positions(labels)
+        token_lp = continuation_logprobs(logits, positions, targets, valid).token_logprobs
+        # on the logits themselves, not their log-softmax, whose rounding could tie two near-equal maxima
+        hits = (logits.argmax(-1).gather(1, positions) == targets) | ~valid
         correct[rows] = hits.all(1)
-        mean_lp[rows] = (token_lp * valid).sum(1) / a_len
+        mean_lp[rows] = token_lp.sum(1) / a_len
     return correct, mean_lp

@@ -4,6 +4,7 @@ frozen-prefix cache, distributed support and the classification head.
 * :mod:`~reftkit.training.trainer` — :class:`ReftTrainer`;
 * :mod:`~reftkit.training.causal_lm` — the label-only causal-LM loss;
 * :mod:`~reftkit.training.objectives` — T-Few's unlikelihood and length-normalised losses;
+* :mod:`~reftkit.training.logprobs` — a continuation's per-token log-probabilities given its prompt;
 * :mod:`~reftkit.training.frozen_prefix` — :class:`FrozenPrefixCache`;
 * :mod:`~reftkit.training.distributed` — which DDP / FSDP setups can train a ReftModel;
 * :mod:`~reftkit.training.classifier` — :class:`ReftForSequenceClassification`.
@@ -19,6 +20,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "causal_lm": ("causal_lm_loss",),
     "objectives": ("unlikelihood_loss", "length_normalized_loss", "tfew_loss", "check_loss_terms",
                    "choice_token_logprobs", "multiple_choice_loss", "TFEW_TERMS", "TFEW_WEIGHTS"),
+    "logprobs": ("continuation_logprobs", "label_positions", "predicting_states", "ContinuationLogprobs"),
     "frozen_prefix": ("FrozenPrefixCache", "PrefixCacheError"),
     "distributed": ("check_fsdp_plugin", "full_parameters", "loading_into_shards"),
     "classifier": ("ReftForSequenceClassification", "load_interventions", "HEAD_CONFIG", "HEAD_WEIGHTS",

@@ -28,8 +28,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from reftkit.anatomy import find_backbone_and_head
 from reftkit.call_inputs import CALL_INPUTS
+
+from .logprobs import continuation_logprobs, label_positions, predicting_states
 
 
 def _check(token_logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor) -> None:
@@ -150,9 +151,9 @@ def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: to
     :class:`reftkit.data.multiple_choice.MultipleChoiceDataCollator` (B·C rows).
 
     As :func:`reftkit.training.causal_lm_loss`, only the rows predicting a choice token (``hidden[:, :-1]``
-    where ``choice_labels[:, 1:]`` is not -100) go through the LM head and a log-softmax; when
-    :func:`~reftkit.anatomy.find_backbone_and_head` finds no trustworthy pair, the full forward runs and
-    the same rows of its logits are read. The interventions act at ``intervention_locations`` (the
+    where ``choice_labels[:, 1:]`` is not -100) go through the LM head and a log-softmax, or, without a
+    trustworthy (backbone, head) pair, the same rows of the full forward's logits
+    (:mod:`reftkit.training.logprobs`). The interventions act at ``intervention_locations`` (the
     prompt's positions), or, without them, at the config's positions resolved on the prompt alone (the
     attention mask less the choice tokens), as rank classification does.
 
@@ -173,35 +174,18 @@ def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: to
         b, c = (int(i) for i in (real != choice_mask.to(real.device).bool()).nonzero()[0])
         raise ValueError(f"choice_mask[{b}, {c}]={bool(choice_mask[b, c])} but choice_labels has "
                          f"{'no' if not real[b, c] else 'some'} labelled tokens there")
-    width = input_ids.shape[1]
     prompt_mask = None if attention_mask is None else attention_mask * (choice_labels == -100)
     if prompt_mask is None and intervention_locations is None:
         prompt_mask = (choice_labels == -100).long()
-    parts = find_backbone_and_head(reft)
     with reft.intervening(input_ids, prompt_mask, intervention_locations, kwargs.get("inputs_embeds")):
-        if parts is None:
-            # no (backbone, head) pair matching the model's own forward: run it whole (costlier)
-            logits = reft.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -width:]
-        else:
-            backbone, head = parts
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
-    states = logits if parts is None else hidden
+        states, head = predicting_states(reft, input_ids, attention_mask, **kwargs)
     replicas = states.shape[0] // input_ids.shape[0]
     if replicas * input_ids.shape[0] != states.shape[0]:
         raise ValueError(f"the model returned {states.shape[0]} rows for {input_ids.shape[0]} inputs")
-    targets = choice_labels[:, 1:].to(states.device).repeat(replicas, 1)
-    keep = targets != -100
-    rows = states[:, :-1][keep]  # [N, D] or [N, vocab]: only the rows that predict a choice token
-    rows = (rows if parts is None else parts[1](rows)).float().log_softmax(-1)
-    values = rows.gather(-1, targets[keep][:, None]).squeeze(-1)
-    # the j-th choice token of a row goes to slot j: out-of-place scatter, differentiable in `values`
-    lengths = keep.sum(1)
-    slot = keep.long().cumsum(1) - 1
-    where = keep.nonzero(as_tuple=True)
-    tokens = int(lengths.max()) if len(lengths) else 0
-    out = values.new_zeros((keep.shape[0], tokens)).index_put((where[0], slot[keep]), values)
-    token_mask = torch.arange(tokens, device=out.device)[None, :] < lengths[:, None]
-    return out.view(replicas * batch, choices, tokens), token_mask.view(replicas * batch, choices, tokens)
+    positions, targets, mask = (t.repeat(replicas, 1) for t in label_positions(choice_labels.to(states.device)))
+    out = continuation_logprobs(states, positions, targets, mask, head)
+    shape = (replicas * batch, choices, mask.shape[1])
+    return out.token_logprobs.view(shape), out.mask.view(shape)
 
 
 def multiple_choice_loss(reft: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -122,8 +122,7 @@ def _counts(adapted: Any, model: nn.Module) -> tuple[int, int]:
     if adapted is None:
         return 0, sum(p.numel() for p in model.parameters())
     counts = adapted.parameter_counts()
-    trainable = counts.get("trainable", counts.get("trainable_intervention", 0))
-    return trainable, counts["model"]
+    return counts["trainable"], counts["model"]
 
 
 def _train(adapted: Any, tokenizer: Any, method: Method, inputs: Sequence[str], outputs: Sequence[str],

@@ -94,7 +94,7 @@ def sweep(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train_o
             loss = _eval_loss(reft, module["eval_dataset"], module["data_collator"], eval_batch_size)
             rows.append({"layer": layer, "positions": spec, "eval_loss": loss, "base_eval_loss": base_loss,
                          "improvement": base_loss - loss,
-                         "num_trainable_params": reft.parameter_counts()["trainable_intervention"],
+                         "num_trainable_params": reft.parameter_counts()["trainable"],
                          "train_time": seconds})
         finally:
             reft.detach()

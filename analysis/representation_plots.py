@@ -85,7 +85,7 @@ def plot_pca(frame: "pandas.DataFrame", title: str | None = None) -> "matplotlib
 
 def plot_subspace_similarity(frame: "pandas.DataFrame", value: str = "mean_cos2",  # noqa: F821
                              title: str | None = None) -> "matplotlib.figure.Figure":  # noqa: F821
-    """Heat map of :func:`~reftkit.analysis.representations.subspace_similarity`'s ``value`` over all
+    """Heat map of :func:`~reftkit.analysis.subspaces.subspace_similarity`'s ``value`` over all
     pairs, in the input order, each cell annotated when there are at most 12 subspaces."""
     from matplotlib.figure import Figure
 
@@ -112,7 +112,7 @@ def plot_subspace_similarity(frame: "pandas.DataFrame", value: str = "mean_cos2"
 
 def plot_logit_lens(frame: "pandas.DataFrame", max_panels: int = 16,  # noqa: F821
                     title: str | None = None) -> "matplotlib.figure.Figure":  # noqa: F821
-    """One horizontal bar chart per (name, direction) of :func:`~reftkit.analysis.representations.logit_lens`'s
+    """One horizontal bar chart per (name, direction) of :func:`~reftkit.analysis.subspaces.logit_lens`'s
     frame (the first ``max_panels``): promoted tokens (positive scores) on top, suppressed below."""
     from matplotlib.figure import Figure
 

@@ -49,7 +49,8 @@ def _describe(source: Any) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]
         entries = source.reft_config.to_dict()
         routed = [i for i, r in enumerate(entries["representations"]) if r.get("task") is not None]
         if routed:
-            raise ExpertError(f"representations[{routed[0]}] has task={entries['representations'][routed[0]]['task']!r}:"
+            task = entries["representations"][routed[0]]["task"]
+            raise ExpertError(f"representations[{routed[0]}] has task={task!r}:"
                               " an expert is one intervention set; give the model of a single task")
         special = [k for k, iv in source.interventions.items() if iv.uses_source or iv.collects]
         if special:
@@ -186,7 +187,8 @@ class ExpertLibrary:
             raise ExpertError("the library is empty; add experts before saving")
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{name}/{key}": t.contiguous() for name, expert in self.experts.items() for key, t in expert.items()}
+        tensors = {f"{name}/{key}": t.contiguous()
+                   for name, expert in self.experts.items() for key, t in expert.items()}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         record = {"format_version": FORMAT_VERSION, "library": "reftkit.experts", "kind": self.kind,
                   "config": self.config, "mixing": self.mixing,

@@ -259,7 +259,8 @@ class ExpertRouter:
 
         routes = self._check_routes(routes, len(prompts))
         if self.reft is not None:
-            def logits(ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            def logits(ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor,
+                       rows: list[int]) -> torch.Tensor:
                 with self.reft.intervening(input_ids=ids, attention_mask=prompt_mask,
                                            tasks=[routes[i] for i in rows]):
                     return self.reft.model(input_ids=ids, attention_mask=mask).logits

@@ -28,7 +28,8 @@ Pfeiffer (output)     (``original_ln_before`` adds ``r`` only)
 
 ``LN(z)`` inside the post-LN Pfeiffer adapter needs the base LayerNorm's weights: the adapter keeps
 a frozen float32 copy of them as buffers (saved with it), filled by
-:func:`~reftkit.interventions.adapter_placement.pfeiffer_representations` or :meth:`BottleneckAdapter.set_original_layer_norm`; an adapter that needs them and never got them
+:func:`~reftkit.interventions.adapter_placement.pfeiffer_representations` or
+:meth:`BottleneckAdapter.set_original_layer_norm`; an adapter that needs them and never got them
 refuses to run rather than silently normalising with ``weight=1, bias=0``.
 
 Out of reach of a one-tensor site (each raises ``InterventionError`` naming the field): a pre-LN

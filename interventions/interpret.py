@@ -59,7 +59,8 @@ def _as_vector(owner: Intervention, field: str, value: Any) -> torch.Tensor:
     """``value`` as a float32 vector whose width matches ``owner`` (materialising it if needed)."""
     v = torch.as_tensor(value).detach()
     if v.dim() != 1 or v.is_complex() or v.dtype == torch.bool:
-        raise InterventionError(f"{type(owner).__name__}: {field} must be a real 1-d vector, got shape {tuple(v.shape)} and dtype {v.dtype}")
+        raise InterventionError(f"{type(owner).__name__}: {field} must be a real 1-d vector, got shape "
+                                f"{tuple(v.shape)} and dtype {v.dtype}")
     if owner.embed_dim is None:
         owner.materialize(v.shape[0])
     elif v.shape[0] != owner.embed_dim:

@@ -28,7 +28,8 @@ def register_intervention(cls: type[Intervention]) -> type[Intervention]:
     return cls
 
 
-def register_family(classes: Iterable[type[Intervention]], aliases: dict[str, type[Intervention]] | None = None) -> None:
+def register_family(classes: Iterable[type[Intervention]],
+                    aliases: dict[str, type[Intervention]] | None = None) -> None:
     """Register a family of the catalogue: its classes by name and its peer class names."""
     for cls in classes:
         register_intervention(cls)

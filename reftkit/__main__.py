@@ -1,3 +1,4 @@
+"""``python -m reftkit``: the command line of :mod:`reftkit.cli`."""
 import sys
 
 from .cli import main

@@ -30,6 +30,10 @@ def _where(index: int | None, name: str) -> str:
     return f"representations[{index}].{name}" if index is not None else name
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a layer
+
+
 @dataclass
 class RepresentationConfig:
     """One entry of ``ReftConfig.representations``."""
@@ -68,7 +72,7 @@ class RepresentationConfig:
         layer = self.layer
         if isinstance(layer, bool) or not (
                 isinstance(layer, int) or layer == "all"
-                or (isinstance(layer, (list, tuple)) and layer and all(isinstance(x, int) and not isinstance(x, bool) for x in layer))):
+                or (isinstance(layer, (list, tuple)) and layer and all(_is_int(x) for x in layer))):
             raise ConfigError(f"{_where(index, 'layer')}={layer!r} must be an int, a non-empty list of ints, or 'all'")
         if isinstance(layer, (list, tuple)) and len(set(layer)) != len(layer):
             raise ConfigError(f"{_where(index, 'layer')}={list(layer)!r} lists a layer twice")
@@ -83,7 +87,7 @@ class RepresentationConfig:
             raise ConfigError(f"{_where(index, 'share_weights')}={self.share_weights!r} must be True or False")
         heads = self.heads
         if heads is not None and not (isinstance(heads, (list, tuple)) and heads and all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in heads) and len(set(heads)) == len(heads)):
+                _is_int(x) and x >= 0 for x in heads) and len(set(heads)) == len(heads)):
             raise ConfigError(f"{_where(index, 'heads')}={heads!r} must be a non-empty list of distinct head "
                               "indices (ints >= 0)")
         is_head = self.component.startswith("head_")

@@ -287,19 +287,20 @@ class ReftModel(nn.Module):
         return self
 
     def parameter_counts(self) -> dict[str, int]:
-        """Exact counts (works on a meta-device model): trainable intervention parameters, trainable
-        base-model parameters, and all base-model parameters."""
-        return {
-            "trainable_intervention": sum(p.numel() for p in self.interventions.parameters() if p.requires_grad),
-            "trainable_model": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            "model": sum(p.numel() for p in self.model.parameters()),
-        }
+        """Exact counts (works on a meta-device model), with the keys every adapted model uses
+        (``WeightSpaceModel``, ``PromptEnsembleModel`` too): ``trainable``, the parameters training updates
+        (the interventions', plus any base-model parameter left trainable), and ``model``, all the base
+        model's parameters."""
+        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "model": sum(p.numel() for p in self.model.parameters())}
 
     def print_trainable_parameters(self) -> str:
+        """Print (and return) the trainable intervention and base-model parameters and the share."""
         counts = self.parameter_counts()
-        share = 100.0 * counts["trainable_intervention"] / max(counts["model"], 1)
-        text = (f"trainable intervention params: {counts['trainable_intervention']:,} || "
-                f"trainable model params: {counts['trainable_model']:,}\n"
+        in_model = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        share = 100.0 * counts["trainable"] / max(counts["model"], 1)
+        text = (f"trainable intervention params: {counts['trainable'] - in_model:,} || "
+                f"trainable model params: {in_model:,}\n"
                 f"model params: {counts['model']:,} || trainable%: {share:.6f}")
         print(text)
         return text

@@ -28,7 +28,8 @@ from .serialization import Build, LoadError, check_and_load
 _CLASS = re.compile(r"pyreft\.interventions\.(\w+)")
 
 
-def _orthogonal_basis(state: dict[str, torch.Tensor], prefix: str = "rotate_layer.parametrizations.weight") -> torch.Tensor:
+def _orthogonal_basis(state: dict[str, torch.Tensor],
+                      prefix: str = "rotate_layer.parametrizations.weight") -> torch.Tensor:
     original, base = state[f"{prefix}.original"].double(), state[f"{prefix}.0.base"].double()
     reflectors = original.tril(-1)
     tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))

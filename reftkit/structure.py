@@ -249,7 +249,8 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
     attn_rel = find_part(block, ATTENTION_NAMES)
     if component.startswith(("attention", "query", "key", "value")):
         if attn_rel is None:
-            raise _unavailable(model, component, f"no self-attention module ({'/'.join(ATTENTION_NAMES)}) in {block_path}")
+            raise _unavailable(model, component,
+                               f"no self-attention module ({'/'.join(ATTENTION_NAMES)}) in {block_path}")
         attn_path, attn = f"{block_path}.{attn_rel}", block.get_submodule(attn_rel)
         o_rel = find_part(attn, OUTPUT_PROJECTION_NAMES)
         o_io = feature_sizes_at(attn, o_rel)
@@ -261,7 +262,8 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
         if o_rel is None or o_io is None:
             if component == "attention_output":
                 return Site(layer, component, attn_path, "output", hidden)
-            raise _unavailable(model, component, f"no attention output projection ({'/'.join(OUTPUT_PROJECTION_NAMES)}) under {attn_path}")
+            names = "/".join(OUTPUT_PROJECTION_NAMES)
+            raise _unavailable(model, component, f"no attention output projection ({names}) under {attn_path}")
         if component == "attention_value_output":
             return Site(layer, component, f"{attn_path}.{o_rel}", "input", o_io[0])
         # A projection nested below the attention module (BERT's attention.output.dense)
@@ -283,9 +285,11 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
             (p for p, m in root.named_modules() if p and is_activation(m)
              and not any(p == s or p.startswith(s + ".") for s in root_skip)), None)
         if act_rel is None:
-            raise _unavailable(model, component, f"no activation module ({'/'.join(ACTIVATION_NAMES)}) under {root_path}")
+            raise _unavailable(model, component,
+                               f"no activation module ({'/'.join(ACTIVATION_NAMES)}) under {root_path}")
         if down_io is None:
-            raise _unavailable(model, component, f"no down projection ({'/'.join(DOWN_PROJECTION_NAMES)}) under {root_path}")
+            raise _unavailable(model, component,
+                               f"no down projection ({'/'.join(DOWN_PROJECTION_NAMES)}) under {root_path}")
         return Site(layer, component, f"{root_path}.{act_rel}", "output", down_io[0])
     up_rel = find_part(root, UP_PROJECTION_NAMES, root_skip)
     up_io = feature_sizes_at(root, up_rel)
@@ -295,8 +299,10 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
         return Site(layer, component, root_path, "output", down_io[1] if down_io else hidden)
     if component == "mlp_input":
         if up_io is None:
-            raise _unavailable(model, component, f"no MLP module ({'/'.join(MLP_NAMES)}) or first MLP linear in {block_path}")
+            raise _unavailable(model, component,
+                               f"no MLP module ({'/'.join(MLP_NAMES)}) or first MLP linear in {block_path}")
         return Site(layer, component, f"{block_path}.{up_rel}", "input", up_io[0])
     if down_io is None:
-        raise _unavailable(model, component, f"no MLP module ({'/'.join(MLP_NAMES)}) or last MLP linear in {block_path}")
+        raise _unavailable(model, component,
+                           f"no MLP module ({'/'.join(MLP_NAMES)}) or last MLP linear in {block_path}")
     return Site(layer, component, f"{block_path}.{down_rel}", "output", down_io[1])

@@ -95,12 +95,12 @@ def test_llama_7b_count_on_meta_device():
     reft = reftkit.get_reft_model(model, {"layer": "all", "component": "block_output", "positions": "f7+l7",
                                           "intervention": "loreft", "low_rank_dimension": 8})
     counts = reft.parameter_counts()
-    assert counts["trainable_intervention"] == 2_097_408  # 32 x (4096*8 + 8*4096 + 8)
+    assert counts == {"trainable": 2_097_408, "model": counts["model"]}  # 32 x (4096*8 + 8*4096 + 8)
     assert counts["model"] == 6_738_415_616
     assert "2,097,408" in reft.print_trainable_parameters()
     untied = reftkit.get_reft_model(model, {"layer": "all", "component": "block_output", "positions": "f7+l7",
                                             "share_weights": False, "low_rank_dimension": 8})
-    assert untied.parameter_counts()["trainable_intervention"] == 2 * 2_097_408
+    assert untied.parameter_counts()["trainable"] == 2 * 2_097_408
 
 
 def test_bf16_model_matches_fp32_reference():

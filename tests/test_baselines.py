@@ -75,7 +75,8 @@ def test_trains_saves_loads_and_detaches(method, tmp_path):
     with torch.no_grad():
         before = float(causal_lm_loss(adapted, **batch)["loss"])
     args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_train_epochs=15,
-                             learning_rate={"fpft": 1e-3, "prompt_tuning": 0.3, "svf": 0.3}.get(method, 3e-2), report_to=[], use_cpu=True,
+                             learning_rate={"fpft": 1e-3, "prompt_tuning": 0.3, "svf": 0.3}.get(method, 3e-2),
+                             report_to=[], use_cpu=True,
                              save_strategy="no", disable_tqdm=True, seed=0)
     ReftTrainer(model=adapted, args=args, train_dataset=data["train_dataset"],
                 data_collator=data["data_collator"]).train()

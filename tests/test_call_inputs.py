@@ -151,7 +151,8 @@ def test_interchange_is_batch_invariant():
                                            "intervention": Swap()}])
     ids, mask = pad_batch(SEQS, "left")
     src_ids, src_mask = pad_batch(SRC, "left")
-    together = reft(input_ids=ids, attention_mask=mask, sources={"input_ids": src_ids, "attention_mask": src_mask}).logits
+    source = {"input_ids": src_ids, "attention_mask": src_mask}
+    together = reft(input_ids=ids, attention_mask=mask, sources=source).logits
     for b in range(len(SEQS)):
         one_ids, one_mask = pad_batch([SEQS[b]], "left")
         s_ids, s_mask = pad_batch([SRC[b]], "left")
@@ -213,7 +214,8 @@ def test_source_errors_are_clear():
     with pytest.raises(ValueError, match="example 0: .* acts on 1 positions of the base but its source run has 0"):
         reft(input_ids=ids, attention_mask=mask, sources={"input_ids": s, "attention_mask": m},
              source_locations=torch.tensor([[-1], [0], [0]]))
-    second = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "positions": "l1", "intervention": Swap(), "source": 1}])
+    second = reftkit.get_reft_model(tiny_llama(),
+                                    [{"layer": 1, "positions": "l1", "intervention": Swap(), "source": 1}])
     with pytest.raises(ValueError, match=r"read source batches \[1\], but only 1 source batch"):
         second(input_ids=ids, attention_mask=mask, sources={"input_ids": s, "attention_mask": m})
     plain = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "intervention": Shift()}])
@@ -268,7 +270,8 @@ def test_subspaces_select_rank_rows_per_example():
 def test_subspace_outside_the_rank_is_refused():
     reft = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "intervention": Coords(low_rank_dimension=4)}])
     ids, mask = pad_batch(SEQS, "right")
-    with pytest.raises(ValueError, match=r"subspaces\[1\] index 4 is outside the rank 4 of intervention 'layer1_block_output'"):
+    with pytest.raises(ValueError,
+                       match=r"subspaces\[1\] index 4 is outside the rank 4 of intervention 'layer1_block_output'"):
         reft(input_ids=ids, attention_mask=mask, subspaces=[[0], [4], [1]])
     plain = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "intervention": Shift()}])
     with pytest.raises(ValueError, match="no intervention of this model uses subspaces"):

@@ -36,7 +36,8 @@ def test_one_row_per_method_with_exact_counts(result):
     assert (frame["num_total_params"] == base).all()
     counts = dict(zip(frame["method"], frame["num_trainable_params"]))
     # LoReFT rank 2 at one layer: R (32x2) + W (2x32) + b (2)
-    assert counts == {"base": 0, "loreft": 32 * 2 + 2 * 32 + 2, "lora": 3 * 2 * (64 + 48 + 48 + 64 + 96 + 96 + 96), "svf": 3 * 3 * 32, "prompt_tuning": 3 * 32, "fpft": base}
+    assert counts == {"base": 0, "loreft": 32 * 2 + 2 * 32 + 2, "lora": 3 * 2 * (64 + 48 + 48 + 64 + 96 + 96 + 96),
+                      "svf": 3 * 3 * 32, "prompt_tuning": 3 * 32, "fpft": base}
     assert frame.loc[frame["method"] == "fpft", "trainable_percent"].item() == 100.0
     trained = frame[frame["method"] != "base"]
     assert (trained["train_time"] > 0).all() and (trained["file_size"] > 0).all()
@@ -91,7 +92,8 @@ def test_bad_input_errors():
         compare(model, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["qlora"])
     small = tiny_llama()
     small.resize_token_embeddings(20)
-    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's input embedding has 20 rows \\(LlamaForCausalLM\\)"):
+    expected = "tokenizer has .* tokens but the model's input embedding has 20 rows \\(LlamaForCausalLM\\)"
+    with pytest.raises(ValueError, match=expected):
         compare(small, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["base"])
     with pytest.raises(ValueError, match="labels must be unique"):
         compare(model, tok, INPUTS, OUTPUTS, INPUTS, OUTPUTS, ["lora", "lora"])
@@ -106,7 +108,7 @@ def test_method_specs_and_their_defaults():
     adapter = Method("bottleneck_adapter", {"reduction_factor": 8})
     reft = reftkit.get_reft_model(tiny_llama(), adapter.representations())
     # one Houlsby-style bottleneck per layer on every token: down 32->4 and up 4->32 with biases
-    assert reft.parameter_counts()["trainable_intervention"] == 3 * (32 * 4 + 4 + 4 * 32 + 32)
+    assert reft.parameter_counts()["trainable"] == 3 * (32 * 4 + 4 + 4 * 32 + 32)
     assert Method("lora").options["r"] == 8 and Method("lora", {"r": 2}).options["r"] == 2
     assert Method("fpft").learning_rate == 2e-5 and Method("direft").learning_rate == 2e-3
     with pytest.raises(ValueError, match="method 'base' takes no options"):

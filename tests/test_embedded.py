@@ -141,7 +141,8 @@ def test_import_is_side_effect_free(tmp_path: Path) -> None:
         "print(int('torch' in sys.modules), int('transformers' in sys.modules))"
     )
     env = {**os.environ, "REFTKIT_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["0", "0"]
     assert not cache.exists()
 

@@ -17,6 +17,7 @@ import torch
 from conftest import pad_batch, patching_case, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import reftkit
+from reftkit.analysis import nnsight_interventions as ni
 from reftkit.analysis import nnsight_tools as nt
 from reftkit.analysis.nnsight_plan import STAGES, static_order
 from reftkit.analysis.patching import activation_patching
@@ -63,7 +64,7 @@ def test_trace_with_interventions_equals_the_hook_path(make, side):
     ids, mask = pad_batch(SEQS, side)
     ref = hook_logits(reft, ids, mask)
     bare = model(input_ids=ids, attention_mask=mask).logits.detach()
-    got = nt.trace_with_interventions(model, reft, ids, mask)
+    got = ni.trace_with_interventions(model, reft, ids, mask)
     real = mask.bool()
     assert (bare - ref)[real].abs().max() > 1e-2  # the interventions do change the logits
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
@@ -72,7 +73,7 @@ def test_trace_with_interventions_equals_the_hook_path(make, side):
     locs[:, :, 0] = torch.tensor([0, 3, 4])[:, None]
     locs[0, :, 1] = 5
     ref = hook_logits(reft, ids, mask, intervention_locations=locs)
-    got = nt.trace_with_interventions(nt.wrap(model), reft, ids, mask, intervention_locations=locs)
+    got = ni.trace_with_interventions(nt.wrap(model), reft, ids, mask, intervention_locations=locs)
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
 
 
@@ -88,7 +89,7 @@ def test_subspaces_select_the_same_rank_coordinates():
     for subspaces in ([[0, 1], [2], [1, 3]], torch.tensor([[True, False, False, True]] * 3)):
         ref = hook_logits(reft, ids, mask, subspaces=subspaces)
         assert (ref - hook_logits(reft, ids, mask))[real].abs().max() > 1e-3
-        got = nt.trace_with_interventions(model, reft, ids, mask, subspaces=subspaces)
+        got = ni.trace_with_interventions(model, reft, ids, mask, subspaces=subspaces)
         torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
 
 
@@ -102,7 +103,7 @@ def test_other_interventions_run_locally_through_their_own_module():
     ids, mask = pad_batch(SEQS, "left")
     real = mask.bool()
     ref = hook_logits(reft, ids, mask)
-    torch.testing.assert_close(nt.trace_with_interventions(model, reft, ids, mask)[real], ref[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ni.trace_with_interventions(model, reft, ids, mask)[real], ref[real], atol=1e-5, rtol=0)
 
 
 def test_apply_interventions_inside_your_own_trace():
@@ -112,7 +113,7 @@ def test_apply_interventions_inside_your_own_trace():
     ref = hook_logits(reft, ids, mask)
     wrapped = nt.wrap(model)
     with wrapped.trace(input_ids=ids, attention_mask=mask):
-        nt.apply_interventions(wrapped, reft, ids, mask)
+        ni.apply_interventions(wrapped, reft, ids, mask)
         logits = wrapped.output.logits.save()
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref[real], atol=1e-5, rtol=0)
@@ -192,7 +193,7 @@ def test_bert_modules_nnsight_renames_and_an_output_without_logits():
         {"layer": 0, "component": "mlp_output", "positions": "f1", "intervention": "direft", "low_rank_dimension": 2}]))
     with torch.no_grad():
         ref = reft(input_ids=ids, attention_mask=mask).last_hidden_state
-    got = nt.trace_with_interventions(wrapped, reft, ids, mask)
+    got = ni.trace_with_interventions(wrapped, reft, ids, mask)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
@@ -249,35 +250,36 @@ def test_errors_name_the_wrong_value():
         nt.capture(model, [("block_output", 7)], ids, mask)
     reft = reftkit.get_reft_model(model, [{"layer": 2, "intervention": "loreft", "low_rank_dimension": 2}])
     with pytest.raises(ValueError, match="model mismatch: the ReftModel's base is a LlamaForCausalLM.*GPT2LMHeadModel"):
-        nt.trace_with_interventions(tiny_gpt2(), reft, ids, mask)
-    with pytest.raises(ValueError, match="model mismatch: intervention 'layer2_block_output' does not resolve.*layer=2"):
-        nt.trace_with_interventions(tiny_llama(layers=2), reft, ids, mask)
+        ni.trace_with_interventions(tiny_gpt2(), reft, ids, mask)
+    with pytest.raises(ValueError,
+                       match="model mismatch: intervention 'layer2_block_output' does not resolve.*layer=2"):
+        ni.trace_with_interventions(tiny_llama(layers=2), reft, ids, mask)
     with pytest.raises(ValueError, match="model mismatch: model is the ReftModel itself"):
-        nt.trace_with_interventions(reft, reft, ids, mask)
+        ni.trace_with_interventions(reft, reft, ids, mask)
     with pytest.raises(ValueError, match="remote=True needs a remote-capable nnsight model.*NNsight"):
-        nt.trace_with_interventions(model, reft, ids, mask, remote=True)
+        ni.trace_with_interventions(model, reft, ids, mask, remote=True)
     ia3 = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "positions": "all", "intervention": "ia3"}])
     with pytest.raises(NotImplementedError, match="'layer1_block_output' \\(IA3\\) cannot run remotely"):
-        nt.trace_with_interventions(nt.wrap(ia3.model, tiny_tokenizer("left")), ia3, ids, mask, remote=True)
+        ni.trace_with_interventions(nt.wrap(ia3.model, tiny_tokenizer("left")), ia3, ids, mask, remote=True)
     swap = reftkit.get_reft_model(tiny_llama(), [{"layer": 1, "positions": "l1", "intervention": "interchange"}])
     with pytest.raises(NotImplementedError, match="read a source run"):
-        nt.trace_with_interventions(swap.model, swap, ids, mask)
+        ni.trace_with_interventions(swap.model, swap, ids, mask)
     raw = reftkit.get_reft_model(tiny_llama(), [
         {"layer": 1, "component": "model.layers.{layer}.mlp.down_proj:input", "intervention": "loreft",
          "low_rank_dimension": 2},
         {"layer": 1, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2}])
     with pytest.raises(NotImplementedError, match="raw module path.*shares block 1"):
-        nt.intervention_editor(raw.model, raw, ids, mask)
+        ni.intervention_editor(raw.model, raw, ids, mask)
     # ...which trace_with_interventions runs, one invoke per module
     ref = hook_logits(randomized(raw), ids, mask)
-    got = nt.trace_with_interventions(raw.model, raw, ids, mask)
+    got = ni.trace_with_interventions(raw.model, raw, ids, mask)
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
 
 
 def test_importing_reftkit_patches_nothing_and_loads_no_nnsight():
-    """A fresh interpreter imports reftkit and every submodule (nnsight_tools included, no helper called):
-    torch.Tensor.backward, object.save and glibc's backtrace() stay as they were, nnsight is not loaded.
-    Then a helper's first use imports nnsight, and the same checks see its patches (the control)."""
+    """A fresh interpreter imports reftkit and every submodule, sub-packages included (nnsight_tools too,
+    no helper called): torch.Tensor.backward, object.save and glibc's backtrace() stay as they were, nnsight
+    is not loaded. Then a helper's first use imports nnsight, and the same checks see its patches (the control)."""
     code = textwrap.dedent("""
         import ctypes, importlib, json, pkgutil, sys
         import torch
@@ -285,9 +287,9 @@ def test_importing_reftkit_patches_nothing_and_loads_no_nnsight():
         addr = ctypes.cast(libc.backtrace, ctypes.c_void_p).value if hasattr(libc, "backtrace") else None
         code = lambda: ctypes.string_at(addr, 3) if addr else b""
         before = (torch.Tensor.backward, torch.Tensor.__dict__.get("grad"), code())
-        import reftkit, reftkit.analysis, reftkit.interventions
-        names = [m.name for pkg in (reftkit, reftkit.analysis, reftkit.interventions)
-                 for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".") if not m.name.endswith("__main__")]
+        import reftkit, reftkit.analysis, reftkit.experts, reftkit.interventions
+        names = [m.name for pkg in (reftkit, reftkit.analysis, reftkit.interventions, reftkit.experts)
+                 for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".") if not m.name.endswith("__main__")]
         for name in names:
             importlib.import_module(name)
         after = (torch.Tensor.backward, torch.Tensor.__dict__.get("grad"), code())
@@ -302,7 +304,8 @@ def test_importing_reftkit_patches_nothing_and_loads_no_nnsight():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert "reftkit.analysis.nnsight_tools" in report["modules"]
+    assert {"reftkit.analysis.nnsight_tools", "reftkit.analysis.nnsight_interventions", "reftkit.training.trainer",
+            "reftkit.cli.demo", "reftkit.experts.routing"} <= set(report["modules"])
     assert report["same"] == [True, True, True]  # backward, the grad descriptor, backtrace() bytes
     assert report["save"] is False and report["nnsight"] is False
     # control: the checks would have seen nnsight's patches (backward replaced, .save mounted)
@@ -365,7 +368,7 @@ def test_remote_request_carries_weights_and_torch_only_code(tmp_path):
     ref = hook_logits(reft, ids, mask, position_ids=positions)
     served = nt.wrap(model, tiny_tokenizer("left"))
     backend = _Capture()
-    got = nt.trace_with_interventions(served, reft, ids, mask, backend=backend, position_ids=positions)
+    got = ni.trace_with_interventions(served, reft, ids, mask, backend=backend, position_ids=positions)
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
     # what the body names: the modules it loads classes/functions from (find_class) or imports (subimport)
@@ -387,7 +390,7 @@ def test_remote_request_carries_weights_and_torch_only_code(tmp_path):
     torch.testing.assert_close(weights[0]["rot"], iv.rotation().detach(), atol=0, rtol=0)
     torch.testing.assert_close(weights[0]["w"], iv.source.weight.detach(), atol=0, rtol=0)
     # the editor for your own block: the same kernels, shipped by source inside its closure
-    edit = nt.intervention_editor(served, reft, ids, mask, portable_only=True)
+    edit = ni.intervention_editor(served, reft, ids, mask, portable_only=True)
     user = _Capture()
     with served.trace(input_ids=ids, attention_mask=mask, position_ids=positions, backend=user):
         edit()
@@ -395,7 +398,8 @@ def test_remote_request_carries_weights_and_torch_only_code(tmp_path):
     torch.testing.assert_close(logits[real], ref[real], atol=1e-5, rtol=0)
     found.clear()
     Recorder(io.BytesIO(user.blob), served._remoteable_persistent_objects()).load()
-    assert "torch" in found and {m.split(".")[0] for m in found} <= {"torch", "nnsight", "cloudpickle", "collections"}, found
+    allowed = {"torch", "nnsight", "cloudpickle", "collections"}
+    assert "torch" in found and {m.split(".")[0] for m in found} <= allowed, found
     # captures: tensors and the same kernels
     reads = _Capture()
     nt.capture(served, [("query_output", 1), ("block_output", 2)], ids, mask, positions="l1", backend=reads)

@@ -36,6 +36,9 @@ def test_built_wheel_contains_only_the_reftkit_namespace(tmp_path):
     assert tops == {"reftkit", next(t for t in tops if t.endswith(".dist-info"))}
     assert "reftkit/interventions/reft.py" in names and "reftkit/analysis/__init__.py" in names
     assert "reftkit/experts/__init__.py" in names
+    for room in ("data", "training", "models", "cli"):  # the core's sub-packages
+        assert f"reftkit/{room}/__init__.py" in names, room
+    assert "reftkit/training/trainer.py" in names and "reftkit/models/embedded.py" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)

@@ -31,7 +31,8 @@ def _setup(tmp_path):
                  "chat_template": False},
         "representations": [{"layer": [0, 1], "component": "block_output", "positions": "l1",
                              "intervention": "loreft", "low_rank_dimension": 2}],
-        "training": {"num_train_epochs": 20, "per_device_train_batch_size": 4, "learning_rate": 0.3, "lr_scheduler_type": "constant",
+        "training": {"num_train_epochs": 20, "per_device_train_batch_size": 4, "learning_rate": 0.3,
+                     "lr_scheduler_type": "constant",
                      "logging_steps": 1},
         "eval": {"max_new_tokens": 6, "batch_size": 4},
     }

@@ -114,7 +114,8 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
     args = TrainingArguments(**{**defaults, **config.get("training", {})})
     cache = config.get("cache_frozen_prefix", False)
     if cache and task != "generation":
-        raise ValueError(f"cache_frozen_prefix={cache!r} serves the causal-LM loss (task: generation), not task={task!r}")
+        raise ValueError(f"cache_frozen_prefix={cache!r} serves the causal-LM loss (task: generation), "
+                         f"not task={task!r}")
     trainer = ReftTrainer(model=trained, args=args, train_dataset=module["train_dataset"],
                           data_collator=module["data_collator"], **({"cache_frozen_prefix": cache} if cache else {}))
     start = time.perf_counter()

@@ -363,10 +363,9 @@ def load_model(
         source = str(name_or_path)
         local = Path(source).expanduser()
         if local.is_file():
-            raise OSError(
-                f"reftkit.load_model expects a model folder or a Hub id, got the file {source!r}"
-                + (" (a GGUF file: pass its folder with gguf_file=<name>, or use 'smollm2')." if local.suffix == ".gguf" else ".")
-            )
+            hint = " (a GGUF file: pass its folder with gguf_file=<name>, or use 'smollm2')."
+            raise OSError(f"reftkit.load_model expects a model folder or a Hub id, got the file {source!r}"
+                          + (hint if local.suffix == ".gguf" else "."))
         if local.is_dir() and not (local / "config.json").is_file() and "gguf_file" not in kw:
             raise OSError(
                 f"reftkit.load_model: {local} is not a Hugging Face model folder (no config.json). "

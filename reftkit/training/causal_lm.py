@@ -28,7 +28,7 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
     Reduction is HF's: ``sum / num_items_in_batch`` when given (gradient-accumulation correct), else
     the mean over labelled tokens (0, not NaN, when a batch has none).
 
-    ``prefix_cache``: a :class:`~reftkit.prefix_cache.FrozenPrefixCache` of this ``reft``; batches whose
+    ``prefix_cache``: a :class:`~reftkit.training.frozen_prefix.FrozenPrefixCache` of this ``reft``; batches whose
     examples it holds run only the layers from the earliest intervention on.
     """
     if labels is None:

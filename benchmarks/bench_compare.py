@@ -105,7 +105,7 @@ def main() -> None:
 
 
 def write_results(frame, args: argparse.Namespace) -> None:
-    from bench_core import cpu_model, md_table, write_section
+    from results_md import cpu_model, md_table, write_section
 
     begin, end = "<!-- bench_compare:BEGIN -->", "<!-- bench_compare:END -->"
     table = frame.assign(
@@ -118,8 +118,8 @@ def write_results(frame, args: argparse.Namespace) -> None:
         latency_s=frame["inference_latency_s"].round(2),
         tok_s=frame["tokens_per_s"].round(1),
         learning_rate=frame["learning_rate"].map(lambda v: f"{v:.0e}" if v else "–"),
-    ).astype(object).fillna("–")[["method", "params", "share", "file_kb", "train_s", "loss", "peak_rss_mb", "bleu4", "rouge1", "rouge2",
-       "rougeL", "exact_match", "latency_s", "tok_s", "learning_rate"]]
+    ).astype(object).fillna("–")[["method", "params", "share", "file_kb", "train_s", "loss", "peak_rss_mb", "bleu4",
+                                  "rouge1", "rouge2", "rougeL", "exact_match", "latency_s", "tok_s", "learning_rate"]]
     command = "python benchmarks/bench_compare.py --write" + (
         "" if (args.n_train, args.n_eval, args.epochs) == (1000, 200, 1.0)
         else f" --n-train {args.n_train} --n-eval {args.n_eval} --epochs {args.epochs}")

@@ -24,20 +24,30 @@ Peak memory is measured on the longest batch: on CUDA ``max_memory_allocated`` a
 before the step; on CPU the same quantity from ``torch.profiler``'s memory timeline (every allocation
 and free of the step, exact). Epochs are interleaved across variants (rotated order each round) and the
 median is reported. ``suite.py`` is the entry point that runs this with the other benchmarks.
+
+Its pieces: ``synthetic_batches.py`` (the examples and their batches), ``base_models.py``,
+``minimal_hook.py`` (the hook and its loss), ``peak_memory.py``, and ``flop_count.py`` (the MFU of the
+llama7b recipe, computed by ``suite.py``).
 """
 from __future__ import annotations
 
 import copy
 import gc
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
-from bench_core import capture_hooks, copy_hooks, gather_index, install_hooks, make_minimal_hook, quartiles
+from base_models import build_epoch_model
+from hook_sets import capture_hooks, copy_hooks, install_hooks
+from minimal_hook import gather_index, label_only_loss, make_minimal_hook
+from peak_memory import peak_step_bytes
+from synthetic_batches import Batch, collate_examples, make_examples
+from timing import quartiles
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RANK = 4
 PRESETS = {
@@ -53,105 +63,11 @@ PRESETS = {
                     layers=[3, 9, 18, 24], rounds=1, warmup=0, gen_batch=8, new_tokens=64, gen_rounds=5,
                     epochs=9),
 }
-H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet, dense bf16 tensor-core peak
-
-
-def build_model(size: str, device: str, layers_override: int | None = None):
-    import transformers
-    if size == "smollm2":
-        import reftkit
-        model, tok = reftkit.load_model("smollm2", dtype=torch.float32)
-        return model.to(device).eval(), tok.pad_token_id
-    if size == "tiny":
-        cfg = transformers.LlamaConfig(
-            vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        dtype = torch.float32
-    else:  # Llama-2-7B's shape (meta-llama/Llama-2-7b-hf config.json), random weights, bf16
-        cfg = transformers.LlamaConfig(
-            vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers_override or 32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        dtype = torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    return model.eval(), 0
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor
-    mask: torch.Tensor
-    labels: torch.Tensor
-    locs: torch.Tensor  # [B, K, 10]: first 5 and last 5 prompt positions, per intervention
-    real_tokens: int
-
-
-def make_examples(p: dict, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    """``(token ids, prompt length)`` per example; lengths lognormal around the preset's medians."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(p["n"]):
-        lp = int(max(10, min(p["max_len"] - 4, p["prompt"][0] * math.exp(p["prompt"][1] * float(torch.randn(1, generator=g))))))
-        lr = int(max(4, min(p["max_len"] - lp, p["response"][0] * math.exp(p["response"][1] * float(torch.randn(1, generator=g))))))
-        out.append((torch.randint(3, vocab, (lp + lr,), generator=g).tolist(), lp))
-    return out
-
-
-def collate(examples, order: list[int], p: dict, pad: int, k: int, device: str) -> list[Batch]:
-    batches = []
-    for s in range(0, len(order), p["batch"]):
-        chunk = [examples[i] for i in order[s:s + p["batch"]]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        locs = torch.empty((len(chunk), k, 10), dtype=torch.long)
-        for r, (toks, lp) in enumerate(chunk):
-            ids[r, :len(toks)] = torch.tensor(toks)
-            mask[r, :len(toks)] = 1
-            labels[r, lp:len(toks)] = ids[r, lp:len(toks)]
-            locs[r] = torch.tensor(list(range(5)) + list(range(lp - 5, lp)))
-        batches.append(Batch(ids.to(device), mask.to(device), labels.to(device), locs.to(device), int(mask.sum())))
-    return batches
-
-
-def label_only_loss(model, ids, mask, labels) -> torch.Tensor:
-    """Hand-written reference: backbone, then the head on labelled rows only."""
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets[keep])
-
-
-def peak_step_bytes(step: Callable[[], None], device: str) -> int:
-    """Peak bytes allocated during ``step()`` above what was allocated before it."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
 
 
 @dataclass
 class Setup:
+    """One size's epoch benchmark, ready to run: its model, batches and a training step per variant."""
     size: str
     p: dict
     device: str
@@ -166,10 +82,13 @@ class Setup:
     info: dict = field(default_factory=dict)
 
 
-def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, layers_override: int | None = None,
-            n: int | None = None, layers: list[int] | None = None) -> Setup:
+def prepare(size: str, device: str = "cpu", variants: list[str] | None = None,
+            layers_override: int | None = None, n: int | None = None,
+            layers: list[int] | None = None) -> Setup:
+    """Build the model, reftkit, the minimal hooks and peft LoRA, and a training step per variant
+    (``variants``: a subset, by name); ``n`` examples and intervened ``layers`` override the preset."""
     import reftkit
-    from reftkit.data import length_grouped_order
+    from reftkit.data.supervised import length_grouped_order
     from reftkit.structure import resolve_site
     from reftkit.training import causal_lm_loss
 
@@ -180,15 +99,15 @@ def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, l
         p["layers"] = list(layers)
     if layers_override:  # a shortened model for a path check: intervene where the layers exist
         p["layers"] = sorted({min(layer, layers_override - 1) for layer in p["layers"]})
-    model, pad = build_model(size, device, layers_override)
+    model, pad = build_epoch_model(size, device, layers_override)
     for prm in model.parameters():
         prm.requires_grad_(False)
     d, k = model.config.hidden_size, len(p["layers"])
     examples = make_examples(p, model.config.vocab_size)
     lengths = [len(ids) for ids, _ in examples]
-    grouped = collate(examples, length_grouped_order(lengths, p["batch"], seed=0), p, pad, k, device)
+    grouped = collate_examples(examples, length_grouped_order(lengths, p["batch"], seed=0), p, pad, k, device)
     shuffled = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
-    unsorted = collate(examples, shuffled, p, pad, k, device)
+    unsorted = collate_examples(examples, shuffled, p, pad, k, device)
 
     lora_model = None
     if variants is None or "peft_lora" in variants:
@@ -224,7 +143,8 @@ def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, l
 
     params = list(reft.interventions.parameters())
 
-    def trainer(loss_of: Callable[[Batch], torch.Tensor], prms, which: str, batches: list[Batch], ctx=None):
+    def trainer(loss_of: Callable[[Batch], torch.Tensor], prms: list[torch.nn.Parameter], which: str,
+                batches: list[Batch], ctx: Callable | None = None) -> tuple[list[Batch], Callable[[Batch], None]]:
         opt = torch.optim.AdamW(prms, lr=1e-4) if prms else None
         counter = {"n": 0}
 
@@ -264,8 +184,10 @@ def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, l
     }
     if lora_model is not None:
         lora_params = [x for x in lora_model.parameters() if x.requires_grad]
-        steps["peft_lora"] = trainer(lambda b: lora_model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels).loss,
-                                     lora_params, "bare", grouped)
+
+        def lora_loss(b: Batch) -> torch.Tensor:
+            return lora_model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels).loss
+        steps["peft_lora"] = trainer(lora_loss, lora_params, "bare", grouped)
     if next(model.parameters()).dtype == torch.float32:
         steps["reftkit_bf16_autocast"] = trainer(
             reft_loss, params, "reft", grouped, ctx=lambda: torch.autocast(device, dtype=torch.bfloat16))
@@ -279,10 +201,12 @@ def prepare(size: str, device: str = "cpu", variants: list[str] | None = None, l
     if variants is not None:
         steps = {name: s for name, s in steps.items() if name in variants}
     setup = Setup(size, p, device, model, reft, pad, grouped, unsorted, use, steps,
-                  {"hook": lambda b: (use("hook"), hook_loss(b))[1], "reftkit": lambda b: (use("reft"), reft_loss(b))[1]})
+                  {"hook": lambda b: (use("hook"), hook_loss(b))[1],
+                   "reftkit": lambda b: (use("reft"), reft_loss(b))[1]})
+    trainable_lora = sum(x.numel() for x in lora_model.parameters() if x.requires_grad) if lora_model else 0
     setup.info = {"params": sum(x.numel() for x in model.parameters()),
                   "trainable_reft": sum(x.numel() for x in params),
-                  "trainable_lora": sum(x.numel() for x in lora_model.parameters() if x.requires_grad) if lora_model else 0,
+                  "trainable_lora": trainable_lora,
                   "examples": p["n"], "real_tokens": sum(b.real_tokens for b in grouped),
                   "labelled_tokens": sum(int((b.labels[:, 1:] != -100).sum()) for b in grouped),
                   "padded_tokens": {"grouped": sum(b.ids.numel() for b in grouped),
@@ -329,7 +253,8 @@ def one_epoch(s: Setup, name: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_epochs(s: Setup, rounds: int | None = None, warmup: int | None = None, pbar=None) -> dict[str, list[float]]:
+def run_epochs(s: Setup, rounds: int | None = None, warmup: int | None = None,
+               pbar=None) -> dict[str, list[float]]:
     """Seconds per epoch for every variant, interleaved: each round runs every variant's epoch once."""
     rounds = s.p["rounds"] if rounds is None else rounds
     warmup = s.p["warmup"] if warmup is None else warmup
@@ -370,16 +295,17 @@ def generation_times(s: Setup, rounds: int | None = None) -> dict[str, list[floa
     for r, lp in enumerate(lengths):
         ids[r, width - lp:] = prompts.ids[r, :lp]
         mask[r, width - lp:] = 1
-    kw = dict(max_new_tokens=s.p["new_tokens"], min_new_tokens=s.p["new_tokens"], do_sample=False, pad_token_id=s.pad)
+    kw = dict(max_new_tokens=s.p["new_tokens"], min_new_tokens=s.p["new_tokens"], do_sample=False,
+              pad_token_id=s.pad)
     s.reft.eval()
     rounds = s.p["gen_rounds"] if rounds is None else rounds
 
-    def bare():
+    def bare() -> None:
         s.use("bare")
         with torch.no_grad():
             s.model.generate(input_ids=ids, attention_mask=mask, **kw)
 
-    def reftkit_gen():
+    def reftkit_gen() -> None:
         s.use("reft")
         s.reft.generate(input_ids=ids, attention_mask=mask, **kw)
     times = {"bare": [], "reftkit": []}
@@ -396,39 +322,22 @@ def generation_times(s: Setup, rounds: int | None = None) -> dict[str, list[floa
     return times
 
 
-def training_flops(s: Setup) -> float:
-    """Model FLOPs of one epoch of a ReFT step, for MFU: forward 2·N·T over every real token (N = the
-    decoder's and head's weights; the head on labelled rows only), backward 2·N·T for the activation
-    gradients of the layers from the earliest intervention up (no weight gradients: the base is frozen),
-    plus attention's 4·T·ctx·d per layer forward (×2 in the layers backward runs through)."""
-    cfg = s.model.config
-    layers, d = cfg.num_hidden_layers, cfg.hidden_size
-    per_layer = sum(x.numel() for x in s.model.model.layers[0].parameters())
-    head = cfg.vocab_size * d
-    first = min(s.p["layers"])
-    total = 0.0
-    for b in s.grouped:
-        t = b.real_tokens
-        labelled = int((b.labels[:, 1:] != -100).sum())
-        ctx = float((b.mask.sum(1).float() ** 2).sum()) / 2  # causal attention: ~L²/2 query-key pairs per row
-        fwd = 2 * per_layer * layers * t + 2 * head * labelled + 4 * d * ctx * layers
-        bwd = 2 * per_layer * (layers - first) * t + 2 * head * labelled + 8 * d * ctx * (layers - first)
-        total += fwd + bwd
-    return total
-
-
-def summarise(s: Setup, epochs: dict[str, list[float]], peaks: dict[str, int], gen: dict[str, list[float]]):
+def summarise(s: Setup, epochs: dict[str, list[float]], peaks: dict[str, int],
+              gen: dict[str, list[float]]) -> pd.DataFrame:
+    """The epoch part's table: a row per variant (time, tokens/s, padding, peak memory, each against
+    reftkit or bare) and a row per generation variant."""
     import pandas as pd
     med = {k: statistics.median(v) for k, v in epochs.items() if v}
     rows = []
     for name, sec in med.items():
         padded = s.info["padded_tokens"]["unsorted" if name == "reftkit_unsorted" else "grouped"]
+        peak_vs_bare = peaks.get(name, float("nan")) / peaks["bare"] if "bare" in peaks else float("nan")
         rows.append({"size": s.size, "variant": name, "epoch_s": sec,
                      "p25_s": quartiles(epochs[name])[0], "p75_s": quartiles(epochs[name])[2],
                      "vs_reftkit": sec / med["reftkit"] if "reftkit" in med else float("nan"),
                      "tokens_per_s": s.info["real_tokens"] / sec, "padded_tokens": padded,
                      "peak_mb": peaks.get(name, float("nan")) / 2 ** 20,
-                     "peak_vs_bare": peaks.get(name, float("nan")) / peaks["bare"] if "bare" in peaks else float("nan")})
+                     "peak_vs_bare": peak_vs_bare})
     for name, ts in gen.items():
         rows.append({"size": s.size, "variant": f"generate:{name}", "epoch_s": statistics.median(ts),
                      "p25_s": min(ts), "p75_s": max(ts),

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import write_section  # noqa: E402
+from results_md import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "experts_dispatch.csv"
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     model, tokenizer = reftkit.load_model("smollm2", dtype=torch.float32)
     families = task_families(args.n_train, args.n_eval, seed=args.seed)
-    other = [r["prompt"] for r in define_word_dataset(n_train=args.n_other, n_eval=args.n_other, seed=args.seed)["eval"]]
+    no_task = define_word_dataset(n_train=args.n_other, n_eval=args.n_other, seed=args.seed)["eval"]
+    other = [r["prompt"] for r in no_task]
     start = time.perf_counter()
     result = dispatch_study(model, tokenizer, families, CONFIG, other_prompts=other, epochs=args.epochs,
                             learning_rate=args.learning_rate, shots=args.shots, population=args.population,

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import _timed, build_base, cpu_model, interleaved, paired_ratio, quartiles, write_section  # noqa: E402
+from base_models import build_step_model  # noqa: E402
+from results_md import cpu_model, write_section  # noqa: E402
+from timing import interleaved, paired_ratio, quartiles, timed_ms  # noqa: E402
 
 KS = (1, 4, 16)
 BATCH = 16
@@ -81,7 +83,8 @@ def check_rows_match_single_task(base_fn, k: int, setting: str, layers, ids, mas
         alone = reftkit.get_reft_model(alone_model, representations(alone_model, 1, setting, layers))
         # task t's weights: the keys of the mixed model that belong to task t, in order
         keys = [key for key, task in zip(state, mixed_tasks(mixed)) if task == f"task{t}"]
-        alone.interventions.load_state_dict({new: state[old] for old, new in zip(keys, alone.interventions.state_dict())})
+        renamed = {new: state[old] for old, new in zip(keys, alone.interventions.state_dict())}
+        alone.interventions.load_state_dict(renamed)
         rows = [i for i in range(BATCH) if tasks[i] == f"task{t}"]
         with torch.no_grad():
             ref = alone(input_ids=ids[rows], attention_mask=mask[rows], tasks=["task0"] * len(rows)).logits
@@ -102,7 +105,7 @@ def mixed_tasks(mixed) -> list[str]:
 def bench(size: str, setting: str, args, pbar) -> list[dict]:
     import reftkit
 
-    base_fn = (lambda: build_base(size)[0]) if size == "tiny" else _smollm2_factory()
+    base_fn = (lambda: build_step_model(size)[0]) if size == "tiny" else _smollm2_factory()
     model = base_fn()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     n_layers = model.config.num_hidden_layers
@@ -136,8 +139,8 @@ def bench(size: str, setting: str, args, pbar) -> list[dict]:
             reft.eval()
             reft.generate(input_ids=gen_ids, attention_mask=gen_mask, tasks=tasks[:4], max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        variants[f"train k={k}"] = lambda step=step: _timed(step)
-        variants[f"generate k={k}"] = lambda gen=gen: _timed(gen)
+        variants[f"train k={k}"] = lambda step=step: timed_ms(step)
+        variants[f"generate k={k}"] = lambda gen=gen: timed_ms(gen)
         reft._hooks.remove()  # one model's hooks at a time: `active` swaps them in
     model.requires_grad_(False)
     rounds, warmup = (2, 1) if args.quick else ((10, 2) if size == "tiny" else (5, 1))
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    started, load_start, wall = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg(), time.perf_counter()
+    started, load_start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
+    wall = time.perf_counter()
     rows = []
     sizes, settings = args.sizes.split(","), args.settings.split(",")
     with tqdm(desc="timed calls") as pbar:

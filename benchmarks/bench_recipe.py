@@ -40,8 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core (parent side only: the pyreft
-                                                           # worker imports nothing from it)
+# this folder's helpers, imported on the parent side only: the pyreft worker imports nothing from them
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 PYREFT_PYTHON = os.environ.get("PYREFT_PYTHON", "/tmp/pyreft_golden_venv/bin/python")
 VARIANTS = ("pyreft", "reftkit", "reftkit_shuffled", "pyreft_bf16", "reftkit_bf16")
 LAYERS, RANK = [8, 16, 24], 4
@@ -177,7 +177,7 @@ def worker_main(name: str, workdir: str) -> None:
 def prepare(workdir: Path, n_train: int) -> dict:
     """Save the embedded SmolLM2 where transformers 4.45 can read it; render the examples."""
     import torch
-    from bench_core import save_for_445
+    from pyreft_venv import save_for_445
 
     import reftkit
     from reftkit.data.datasets import define_word_dataset
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace):
 
 
 def write_results(summary, ratios, header: dict) -> None:
-    from bench_core import cpu_model, md_table, write_section
+    from results_md import cpu_model, md_table, write_section
 
     names = list(summary["variant"])
     key = "" if "pyreft" in names else " " + ",".join(names)  # a partial run keeps the full run's section
@@ -312,8 +312,9 @@ def write_results(summary, ratios, header: dict) -> None:
         f"load average (1/5 min) {l1:.2f} / {l5:.2f} (start), {e1:.2f} / {e5:.2f} (end)",
         "- software: " + "; ".join(f"{k}: {v}" for k, v in header["software"].items()),
         f"- command: `{header['command']}` (wall time {header['wall']:.0f} s)",
-        f"- task: SmolLM2-135M-Instruct float32 (`_bf16` variants: bf16 autocast), LoReFT r={RANK} at block_output of layers {LAYERS}, last prompt "
-        f"token; {header['setup']['n_train']} WordNet examples (chat template), batch 8, one epoch, AdamW lr 2e-3",
+        f"- task: SmolLM2-135M-Instruct float32 (`_bf16` variants: bf16 autocast), LoReFT r={RANK} at block_output "
+        f"of layers {LAYERS}, last prompt token; {header['setup']['n_train']} WordNet examples (chat template), "
+        "batch 8, one epoch, AdamW lr 2e-3",
         "", "Seconds, peak RSS (MB) and token counts per variant (median over repeats):", "",
         md_table(summary.round(3)), "", *ratio_lines, "",
         "- `end_to_end_s` = data module + trainer construction + `train()`; `padded_tokens` is what the "

@@ -19,20 +19,25 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_core as bc  # noqa: E402
+import timing  # noqa: E402
+from minimal_hook import gather_index  # noqa: E402
+from step_variants import prepare_size  # noqa: E402
+from synthetic_batches import make_step_batches  # noqa: E402
 
 from reftkit.structure import resolve_site  # noqa: E402
 
 
-def micro(fn, n: int) -> tuple[float, float]:
+def micro(fn: Callable[[], object], n: int) -> tuple[float, float]:
+    """(min, median) of ``n`` calls of ``fn``, microseconds."""
     return micro_pair(fn, None, n)[0]
 
 
-def micro_pair(fa, fb, n: int):
+def micro_pair(fa: Callable[[], object], fb: Callable[[], object] | None, n: int) -> tuple:
     """Interleaved calls of ``fa`` and ``fb`` (if given): ((min, median) of a, (min, median) of b), us."""
     fns = [f for f in (fa, fb) if f is not None]
     for _ in range(min(20, n)):
@@ -48,7 +53,7 @@ def micro_pair(fa, fb, n: int):
     return out if fb is not None else (out[0], None)
 
 
-def op_table(fn, steps: int) -> dict[str, tuple[float, int]]:
+def op_table(fn: Callable[[], object], steps: int) -> dict[str, tuple[float, int]]:
     """{op: (self CPU ms per step, calls per step)} over ``steps`` runs of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
     fn()  # warm
@@ -79,13 +84,14 @@ def diff_ops(a: dict, b: dict, label_a: str, label_b: str, top: int) -> int:
     return sum(extra.values())
 
 
-def profile_size(size: str, args) -> None:
+def profile_size(size: str, args: argparse.Namespace) -> None:
+    """Print the micro-timings, the per-step overhead and the op tables of one size."""
     ns = argparse.Namespace(quick=False, repeats=None, warmup=None, threads=args.threads, new_tokens=32,
                             no_pyreft=True)
-    b = bc.prepare_size(size, ns, None)
+    b = prepare_size(size, ns, None)
     reft, model, use, p = b["reft"], b["model"], b["use"], b["params"]
     pad = 0 if size == "tiny" else model.config.pad_token_id
-    train, gen = bc.make_batches(model.config.vocab_size, pad, p)  # same seed -> same batches as the bench
+    train, gen = make_step_batches(model.config.vocab_size, pad, p)  # same seed -> same batches as the bench
     ids, mask, labels = train["input_ids"], train["attention_mask"], train["labels"]
     d = model.config.hidden_size
     k = len(p["layers"])
@@ -102,7 +108,7 @@ def profile_size(size: str, args) -> None:
     use("reft")
     h = torch.randn(ids.shape[0], ids.shape[1], d, requires_grad=True)
     iv = next(iter(reft.interventions.values()))
-    g = bc.gather_index(train["locs"], d)[0]
+    g = gather_index(train["locs"], d)[0]
     reft._hooks.state = state
     t_rh, t_mh = micro_pair(lambda: reft_hook(layer, (), h), lambda: min_hook(layer, (), h), args.n)
     t_iv = micro(lambda: iv(h.gather(1, g)), args.n)
@@ -120,7 +126,7 @@ def profile_size(size: str, args) -> None:
         print(f"  {name:<55} {lo:9.1f} / {med:9.1f}")
 
     # -- 2. measured steps, interleaved, min of N
-    bc.GAP_S = 0.0
+    timing.GAP_S = 0.0
     tv = b["train_variants"]
     steps = {"hook": [], "reftkit": []}
     for i in range(args.steps * 2):
@@ -137,11 +143,11 @@ def profile_size(size: str, args) -> None:
     # -- 3. op tables
     reft.train()
 
-    def reft_step():
+    def reft_step() -> None:
         use("reft")
         reft(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
 
-    def hook_step():
+    def hook_step() -> None:
         use("hook")
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
 
@@ -154,11 +160,11 @@ def profile_size(size: str, args) -> None:
     for new_tokens in (4, 32):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-        def gen_reft():
+        def gen_reft() -> None:
             use("reft", "gen")
             reft.generate(input_ids=gids, attention_mask=gmask, **kw)
 
-        def gen_bare():
+        def gen_bare() -> None:
             use("bare", "gen")
             with torch.no_grad():
                 model.generate(input_ids=gids, attention_mask=gmask, **kw)

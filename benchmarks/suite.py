@@ -35,6 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_epoch  # noqa: E402
+import step_report  # noqa: E402
+from flop_count import H100_BF16_DENSE_FLOPS, training_flops  # noqa: E402
+from pyreft_venv import PYREFT_PYTHON  # noqa: E402
+from results_md import cpu_model, md_table, write_section  # noqa: E402
+from step_variants import bench_size  # noqa: E402
 
 HISTORY = Path(__file__).resolve().parent / "suite_history.csv"
 GUARD_LIMIT = 1.10
@@ -65,25 +70,25 @@ def smoke_guard(rounds: int = 9, limit: float = GUARD_LIMIT, retry: bool = True)
 
 
 # -- parts -------------------------------------------------------------------------------------
-def part_step(sizes: list[str], args) -> tuple:
+def part_step(sizes: list[str], args: argparse.Namespace) -> tuple:
     """bench_core's step + generate measurements (pyreft included unless --no-pyreft)."""
-    import bench_core
     from tqdm.auto import tqdm
     core_args = argparse.Namespace(quick=False, repeats=None, warmup=None, threads=args.threads, new_tokens=32,
                                    no_pyreft=args.no_pyreft)
     results = []
     with tempfile.TemporaryDirectory(prefix="suite_core_") as tmp:
         for size in sizes:
-            results.append(bench_core.bench_size(size, core_args, Path(tmp), tqdm))
-    df, ratios = bench_core.tables(results)
+            results.append(bench_size(size, core_args, Path(tmp), tqdm))
+    df, ratios = step_report.tables(results)
     return results, df, ratios, core_args
 
 
-def part_epoch(size: str, args) -> tuple:
+def part_epoch(size: str, args: argparse.Namespace) -> tuple:
+    """bench_epoch's measurements of one size; for llama7b also the whole recipe, back to back, and its MFU."""
     from tqdm.auto import tqdm
     device = args.device
-    s = bench_epoch.prepare(size, device, variants=args.variants, layers_override=args.layers_override, n=args.n,
-                            layers=args.layers)
+    s = bench_epoch.prepare(size, device, variants=args.variants, layers_override=args.layers_override,
+                            n=args.n, layers=args.layers)
     checks = bench_epoch.check_agreement(s)
     peaks = bench_epoch.peak_memory(s)
     rounds, warmup = s.p["rounds"], s.p["warmup"]
@@ -103,8 +108,8 @@ def part_epoch(size: str, args) -> tuple:
     if size == "llama7b":
         # the recipe itself: every epoch of it, back to back, as a user would run it
         wall = sum(bench_epoch.one_epoch(s, "reftkit") for _ in tqdm(range(s.p["epochs"]), desc="llama7b recipe"))
-        flops = bench_epoch.training_flops(s) * s.p["epochs"]
-        peak = bench_epoch.H100_BF16_DENSE_FLOPS if device == "cuda" else float("nan")
+        flops = training_flops(s.model, s.p["layers"], s.grouped) * s.p["epochs"]
+        peak = H100_BF16_DENSE_FLOPS if device == "cuda" else float("nan")
         extra = {"recipe_epochs": s.p["epochs"], "recipe_minutes": wall / 60, "mfu": flops / wall / peak,
                  "recipe_tokens_per_s": s.info["real_tokens"] * s.p["epochs"] / wall,
                  "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -113,10 +118,11 @@ def part_epoch(size: str, args) -> tuple:
 
 
 def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict, compile_s: dict | None = None):
+    """The suite's table: one row per measure and size, with its target and verdict where it has one."""
     import pandas as pd
     rows = []
 
-    def add(size, what, value, note=""):
+    def add(size: str, what: str, value: float, note: str = "") -> None:
         target = TARGETS.get(what)
         verdict = ""
         if isinstance(target, tuple):
@@ -143,7 +149,8 @@ def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict, compile_
         if "bare" in v.index:
             add(size, "peak reftkit / bare", v.loc["reftkit", "peak_mb"] / v.loc["bare", "peak_mb"],
                 f"{v.loc['reftkit', 'peak_mb']:.1f} MB vs {v.loc['bare', 'peak_mb']:.1f} MB")
-            add(size, "reftkit / bare forward+backward (epoch)", v.loc["reftkit", "vs_reftkit"] / v.loc["bare", "vs_reftkit"])
+            add(size, "reftkit / bare forward+backward (epoch)",
+                v.loc["reftkit", "vs_reftkit"] / v.loc["bare", "vs_reftkit"])
         if "generate:bare" in v.index:
             add(size, "reftkit / bare (generate, epoch part)", 1 / v.loc["generate:bare", "vs_reftkit"])
         for name, what in (("peft_lora", "peft LoRA / reftkit (epoch)"),
@@ -164,7 +171,7 @@ def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict, compile_
                     ("bf16 autocast on both sides" if "bf16" in r.ratio else "float32 on both sides"))
     if gpu:
         add("llama7b", "llama7b recipe minutes", gpu["recipe_minutes"], f"{gpu['recipe_epochs']} epochs, {gpu['gpu']}")
-        add("llama7b", "llama7b MFU", gpu["mfu"], "model FLOPs (bench_epoch.training_flops) / H100 dense bf16 peak")
+        add("llama7b", "llama7b MFU", gpu["mfu"], "model FLOPs (flop_count.training_flops) / H100 dense bf16 peak")
         add("llama7b", "llama7b recipe tokens/s", gpu["recipe_tokens_per_s"])
         if gpu["path_check"]:  # a shortened model, fewer examples or no GPU: it exercised the code, measured nothing
             for row in rows:
@@ -173,9 +180,10 @@ def headline(step_ratios, epoch_tables: dict, recipe_ratios, gpu: dict, compile_
     return pd.DataFrame(rows)
 
 
-def write(args, header: dict, head, epoch_tables: dict, epoch_setups: dict, checks: dict, not_measured: list[str]) -> None:
+def write(args: argparse.Namespace, header: dict, head, epoch_tables: dict, epoch_setups: dict, checks: dict,
+          not_measured: list[str]) -> None:
+    """The suite's section of RESULTS.md, and its headline rows appended to suite_history.csv."""
     import pandas as pd
-    from bench_core import md_table, write_section
     key = ",".join(args.sizes)
     if args.layers or args.variants:  # a focused run keeps the full run's section
         key += (f" layers={','.join(map(str, args.layers))}" if args.layers else "") + \
@@ -254,11 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu_sizes = [s for s in args.sizes if s != "llama7b"]
     if "llama7b" in args.sizes and not torch.cuda.is_available():
         not_measured.append("llama7b (Llama-2-7B shape, bf16, the 9-epoch 1k recipe): no CUDA device in this run")
-    import bench_core
     import peft
     import transformers
     header = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "machine": f"{bench_core.cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {args.threads}"
+              "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {args.threads}"
               + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
               "load": " / ".join(f"{x:.2f}" for x in os.getloadavg()[:2]),
               "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] +
@@ -268,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     step_ratios = None
     core = None
     if "step" in parts and cpu_sizes:
-        if not args.no_pyreft and not Path(bench_core.PYREFT_PYTHON).exists():
-            ap.error(f"{bench_core.PYREFT_PYTHON} not found: run `bash tests/goldens/make_pyreft_goldens.sh`, "
+        if not args.no_pyreft and not Path(PYREFT_PYTHON).exists():
+            ap.error(f"{PYREFT_PYTHON} not found: run `bash tests/goldens/make_pyreft_goldens.sh`, "
                      "or pass --no-pyreft")
         core = part_step(cpu_sizes, args)
         step_ratios = core[2]
@@ -302,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         if core is not None:
             results, df, ratios, core_args = core
             w = next((r["worker"] for r in results if r["worker"]), None)
-            bench_core.write_results(results, df, ratios, core_args, {
-                **header, "cpu": bench_core.cpu_model(),
+            step_report.write_results(results, df, ratios, core_args, {
+                **header, "cpu": cpu_model(),
                 "worker": None if w is None else
                 f"pyreft {w['pyreft']}, pyvene {w['pyvene']}, transformers {w['transformers']}, torch {w['torch']}"})
         write(args, header, head, epoch_tables, epoch_setups, checks, not_measured)

@@ -10,11 +10,56 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 CALL_INPUTS = ("sources", "source_locations", "subspaces", "tasks")
+
+#: pyvene's / pyreft's call arguments (``IntervenableModel.forward`` and ``generate`` in pyvene 0.1.8) that
+#: reftkit's own calls refuse, each with what to use instead. A refusal is a ``TypeError``: accepted, they
+#: would flow into the Hugging Face model's ``**kwargs`` and be ignored, and the call would quietly run at
+#: the default positions. ``reftkit.pyreft`` accepts pyvene's call form and converts it.
+PYVENE_CALL_ARGUMENTS: dict[str, str] = {
+    "base": "pass the batch's fields as keywords, reft_model(**inputs), not pyvene's base={...} dict",
+    "unit_locations": (
+        "use intervention_locations=, a [B, K, P] LongTensor padded with -1 (K in the order of "
+        "reft_model.intervention_locations_order); pyvene's {'sources->base': (None, locs)} with locs [K][B][P] "
+        "converts by torch.tensor(locs).permute(1, 0, 2), and a source part goes to source_locations=; "
+        "or use reftkit.pyreft, which takes pyvene's call form"),
+    "intervene_on_prompt": (
+        "drop it: reftkit's generate always intervenes on the prompt at prefill (pyreft's "
+        "intervene_on_prompt=True), and interventions with positions 'all' on each new token too"),
+    "source_representations": (
+        "use sources= (a batch the bare model runs first; interchange and DAS interventions read its rows at "
+        "source_locations=); reftkit takes no precomputed source activations"),
+    "activations_sources": (
+        "use sources= (a batch the bare model runs first; interchange and DAS interventions read its rows at "
+        "source_locations=); reftkit takes no precomputed source activations"),
+    "output_original_output": (
+        "call the base model itself, reft_model.model(**inputs): outside a ReftModel call the hooks "
+        "pass through"),
+    "intervention_additional_kwargs": (
+        f"use the per-call inputs {', '.join(CALL_INPUTS)}: reftkit interventions take no other per-call "
+        "arguments"),
+}
+
+
+def refuse_pyvene_arguments(call: str, first: Any, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` if a call got pyvene's call form: a pyvene-only keyword (one of
+    :data:`PYVENE_CALL_ARGUMENTS`) or a dict as its first argument (pyvene's ``base``).
+
+    ``call`` names the method for the message; ``first`` is what arrived as ``input_ids``.
+    """
+    if isinstance(first, Mapping):
+        method = "" if call == "forward" else f".{call}"
+        raise TypeError(f"{call}() got a dict as input_ids (pyvene's base={{...}} form, keys {list(first)}); "
+                        f"unpack it: reft_model{method}(**inputs)")
+    given = [name for name in PYVENE_CALL_ARGUMENTS if name in kwargs]
+    if given:
+        hints = "; ".join(f"{name}=: {PYVENE_CALL_ARGUMENTS[name]}" for name in given)
+        raise TypeError(f"{call}() got pyvene/pyreft-only argument{'s' if len(given) > 1 else ''} {given}, "
+                        f"which reftkit's ReftModel does not take: {hints}")
 
 
 @dataclass
@@ -99,7 +144,8 @@ def subspace_masks(slots: Sequence[Any], subspaces: Any, batch: int, device: tor
                          "(LoReFT, low-rank DAS, ...)")
     given = _as_index_tensor(subspaces).to(device)
     if given.shape[0] != batch:
-        raise ValueError(f"subspaces has {given.shape[0]} rows, the batch has {batch}")
+        raise ValueError(f"subspaces has {given.shape[0]} rows, the batch has {batch}: reftkit's subspaces are "
+                         "per row ([B][s] or [B][K][s]); pyvene's [K][B][s] lists need their first two axes swapped")
     masks = {}
     for slot in aware:
         rank = slot.intervention.rank

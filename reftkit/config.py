@@ -6,6 +6,13 @@ One representation entry names ``layer`` (an int, a list of ints, or ``"all"``),
 intervention's own arguments (``low_rank_dimension``, ``dropout``, ``act_fn``, ``add_bias``...)
 flat beside them, as pyreft writes them. Everything a field can get wrong is checked here;
 what needs the model (layer range, component availability, rank vs width) is checked at attach.
+
+An entry without ``positions`` gets ``"l1"`` (the last token of the prompt). pyreft's entries carry no
+positions (pyreft takes them from its data), so a pyreft dict used here acts at ``l1`` unless it says
+otherwise; ``positions=None`` makes every call pass ``intervention_locations`` instead. Fields of
+pyvene's ``RepresentationConfig`` that reftkit does not have (``unit``, ``max_number_of_units``,
+``group_key``...) and pyvene's module paths (``"model.layers[1].output"``) raise :class:`ConfigError`
+saying what to write instead; ``reftkit.pyreft`` takes pyreft's and pyvene's forms as they are.
 """
 from __future__ import annotations
 
@@ -20,6 +27,22 @@ from .positions import PositionSpec, parse_positions
 
 FORMAT_VERSION = 1
 _OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights", "heads", "task", "source")
+_USE_PYREFT = "reftkit.pyreft takes pyreft's and pyvene's config dicts as they are"
+_SOURCES = "pass sources= per call (a batch the bare model runs first; source_locations= picks its rows)"
+#: fields of pyvene's RepresentationConfig (0.1.8) that reftkit's entries do not have -> what to write instead
+PYVENE_FIELDS: dict[str, str] = {
+    "unit": "reftkit intervenes on token positions (pyvene's 'pos'): choose them with positions= or "
+            "intervention_locations=, and attention heads with a head_* component and heads=[...]",
+    "max_number_of_units": "drop it: the number of positions follows from positions= or intervention_locations",
+    "intervention_type": "name the class with intervention= (a registered name, a class or an instance)",
+    "subspace_partition": "pass subspaces= per call (the rank coordinates each row uses)",
+    "group_key": "drop it: reftkit has no intervention groups, every entry acts in the one forward pass",
+    "intervention_link_key": "drop it: entries share no weights (layer=[...] makes one intervention per layer)",
+    "moe_key": "give the expert's module path as component, e.g. 'model.layers.{layer}.mlp.experts.3:output'",
+    "source_representation": _SOURCES,
+    "hidden_source_representation": _SOURCES,
+    "latent_dim": "give it only to an intervention that takes it as an argument",
+}
 
 
 class ConfigError(ValueError):
@@ -34,9 +57,25 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a layer
 
 
+def _check_not_pyvene_path(component: str, where: str) -> None:
+    """pyvene reads a module path's last dot-segment as the hook and ``name[i]`` as a ModuleList index;
+    reftkit writes the hook after ``:`` and indices as dots. A bracket, or a last segment ``input`` /
+    ``output`` without ``:`` (which reftkit would read as a module of that name), is refused."""
+    translate = f"reftkit.pyreft_import.pyvene_component({component!r}) translates it; {_USE_PYREFT}"
+    if "[" in component or "]" in component:
+        raise ConfigError(f"{where}={component!r} is pyvene's module path syntax: reftkit writes a ModuleList "
+                          f"index with a dot and the hook after ':' ('model.layers.1:output'); {translate}")
+    if "." in component and ":" not in component and component.rsplit(".", 1)[1] in ("input", "output"):
+        path, hook = component.rsplit(".", 1)
+        raise ConfigError(f"{where}={component!r} is ambiguous: pyvene reads it as the {hook} of {path!r}, reftkit "
+                          f"as the output of a module named {hook!r}; write {path + ':' + hook!r} for pyvene's "
+                          f"meaning or {component + ':output'!r} for the module; {translate}")
+
+
 @dataclass
 class RepresentationConfig:
-    """One entry of ``ReftConfig.representations``."""
+    """One entry of ``ReftConfig.representations``; ``positions`` defaults to ``"l1"`` (see the module
+    docstring: a pyreft dict, which has none, gets it too)."""
 
     layer: int | list[int] | str
     component: str = "block_output"
@@ -78,6 +117,7 @@ class RepresentationConfig:
             raise ConfigError(f"{_where(index, 'layer')}={list(layer)!r} lists a layer twice")
         if not isinstance(self.component, str) or not self.component:
             raise ConfigError(f"{_where(index, 'component')}={self.component!r} must be a non-empty string")
+        _check_not_pyvene_path(self.component, _where(index, "component"))
         if self.positions is not None:
             try:
                 parse_positions(self.positions, field=_where(index, "positions"))
@@ -104,6 +144,12 @@ class RepresentationConfig:
             cls = self.intervention_class
         except InterventionError as err:
             raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
+        pyvene = [k for k in self.intervention_kwargs if k in PYVENE_FIELDS and k not in cls.arguments]
+        if pyvene:
+            name = pyvene[0]
+            raise ConfigError(
+                f"{_where(index, name)}={self.intervention_kwargs[name]!r} is a field of pyvene's "
+                f"RepresentationConfig, which reftkit's entries do not have; {PYVENE_FIELDS[name]}. {_USE_PYREFT}")
         if isinstance(self.intervention, Intervention):
             if self.intervention_kwargs:
                 raise ConfigError(
@@ -152,7 +198,9 @@ class RepresentationConfig:
 
 
 class ReftConfig:
-    """The list of representations to intervene on.
+    """The list of representations to intervene on. An entry without ``positions`` acts at ``"l1"``, the
+    last prompt token (pyreft's dicts have no positions: add them, or ``positions=None`` to pass
+    ``intervention_locations`` per call).
 
     >>> ReftConfig(representations=[{"layer": 15, "component": "block_output",
     ...     "positions": "f7+l7", "intervention": "loreft", "low_rank_dimension": 4}])

@@ -63,6 +63,7 @@ class CallState:
     * ``subspaces``: slot index -> bool mask over the intervention's rank (``[B, r]``);
     * ``routed``: slot index -> the rows it acts on (host list), for slots that skip some rows (tasks);
     * ``decoding``: generate's decode steps, where only ``every_token`` slots act, on whole rows;
+    * ``edit_new_tokens``: during decode steps every slot acts (``generate(edit_new_tokens=True)``);
     * ``record``: a recording (source) run: rows of ``record_slots`` are stored, nothing is edited;
     * ``collected``: rows seen by ``Collect`` interventions, by key.
     """
@@ -73,6 +74,7 @@ class CallState:
     active: bool = True
     batch: int = 0  # rows the model runs on (generate may expand the located batch for beams)
     decoding: bool = False
+    edit_new_tokens: bool = False
     sources: dict[int, torch.Tensor] = field(default_factory=dict)
     subspaces: dict[int, torch.Tensor] = field(default_factory=dict)
     record: dict[int, torch.Tensor] | None = None
@@ -212,10 +214,11 @@ class HookManager:
             raise RuntimeError(f"intervention {slot.key!r} reads a source run, but none was recorded for it")
         return source
 
-    @staticmethod
-    def _rests_while_decoding(slot: Slot) -> bool:
-        """Decode steps: only "all"-position interventions edit the new tokens."""
-        return not slot.every_token or slot.intervention.collects or slot.intervention.uses_source
+    def _rests_while_decoding(self, slot: Slot) -> bool:
+        """Decode steps: only "all"-position interventions edit the new tokens (every one does when the
+        call asks for ``edit_new_tokens``); collecting and source-reading ones never do."""
+        every = slot.every_token or self.state.edit_new_tokens
+        return not every or slot.intervention.collects or slot.intervention.uses_source
 
     def _call(self, slot: Slot, source: torch.Tensor | None, subspace: torch.Tensor | None):
         """``rows -> rows'`` for one slot: passes the per-call inputs the intervention declares it

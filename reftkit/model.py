@@ -15,7 +15,7 @@ from torch import nn
 
 from reftkit.interventions import InterventionError
 
-from .call_inputs import CALL_INPUTS, Collected, routing, subspace_masks
+from .call_inputs import CALL_INPUTS, Collected, refuse_pyvene_arguments, routing, subspace_masks
 from .config import ConfigError, ReftConfig, RepresentationConfig
 from .hooks import CallState, HookManager, Slot
 from .positions import PositionSpec, check_locations, locate_all, sequence_extent, split_untied
@@ -117,8 +117,11 @@ class ReftModel(nn.Module):
             return check_locations(locations, batch, length, len(self._specs)).to(ref.device)
         missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
         if missing:
-            raise ValueError(f"interventions {missing} have positions=None in the config, so "
-                             f"{what} must be passed")
+            raise ValueError(
+                f"interventions {missing} have positions=None (a from_pyreft load without positions= gives "
+                f"that: pyreft saves no positions), so this call needs {what}= ([B, K, P] token indices, -1 "
+                "padded, K in the order of intervention_locations_order); or give the positions once: "
+                "positions='l1' (etc.) in the config entries, or ReftModel.from_pyreft(model, path, positions=...)")
         start, lengths = sequence_extent(attention_mask, batch, length, ref.device)
         return locate_all(self._specs, start, lengths, length)
 
@@ -166,6 +169,7 @@ class ReftModel(nn.Module):
         LM head to the few labelled positions yourself. ``call_inputs`` are :data:`CALL_INPUTS`
         (``sources``, ``source_locations``, ``subspaces``, ``tasks``); yields the call's state."""
         self._check_live()
+        refuse_pyvene_arguments("intervening", input_ids, call_inputs)
         unknown = sorted(set(call_inputs) - set(CALL_INPUTS))
         if unknown:
             raise TypeError(f"intervening() got unexpected arguments {unknown}; per-call inputs are {CALL_INPUTS}")
@@ -189,8 +193,11 @@ class ReftModel(nn.Module):
         ``subspaces``: per example, the rank coordinates subspace-aware interventions use (pyreft's
         ``subspaces``: a list of index lists, a ``[B, s]`` / ``[B, K, s]`` index tensor with -1 padding,
         or a ``[B, r]`` bool mask). ``tasks``: per example, the task whose interventions act on it
-        (``None`` for none), for a model whose config assigns entries to tasks.
+        (``None`` for none), for a model whose config assigns entries to tasks. pyvene's call form (a dict
+        first, ``unit_locations=``, ...) raises ``TypeError`` naming the replacement
+        (:data:`~reftkit.call_inputs.PYVENE_CALL_ARGUMENTS`); ``reftkit.pyreft`` takes that form.
         """
+        refuse_pyvene_arguments("forward", input_ids, kwargs)
         # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after
         # this call has returned: `intervening` keeps the state until the next call in that case.
         with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
@@ -202,6 +209,7 @@ class ReftModel(nn.Module):
                 intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> "Collected":
         """Run the model and return what its ``Collect`` interventions saw: ``Collected.activations[key]``
         is ``[B, P, W]`` (zeros at empty slots, ``Collected.valid[key]`` ``[B, P]``), plus the output."""
+        refuse_pyvene_arguments("collect", input_ids, kwargs)
         call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}
         with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
                               **call) as state:
@@ -215,16 +223,20 @@ class ReftModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  intervention_locations: torch.Tensor | None = None, *, sources: Any = None,
-                 source_locations: Any = None, subspaces: Any = None, tasks: Any = None, **kwargs: Any) -> Any:
+                 source_locations: Any = None, subspaces: Any = None, tasks: Any = None,
+                 edit_new_tokens: bool | None = None, **kwargs: Any) -> Any:
         """``model.generate`` with the interventions applied to the prompt at prefill.
 
         Decode steps pass through, except interventions with positions ``"all"`` (IA3, adapters...),
         which edit each new token too: the KV cache carries the prompt's edited representations, so
         a step costs what the bare model's does. That needs the cache, hence ``use_cache=False`` is
         refused rather than silently losing the effect. ``sources``, ``subspaces`` and ``tasks`` are
-        as in :meth:`forward` (a task's rows keep their routing through decoding).
+        as in :meth:`forward` (a task's rows keep their routing through decoding). ``edit_new_tokens``
+        overrides the config for the decode steps: ``True``, every intervention edits each new token;
+        ``False``, none does.
         """
         self._check_live()
+        refuse_pyvene_arguments("generate", input_ids, kwargs)
         gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         if kwargs.get("use_cache") is False or (kwargs.get("use_cache") is None and gen_config is not None
                                                 and getattr(gen_config, "use_cache", True) is False):
@@ -232,7 +244,11 @@ class ReftModel(nn.Module):
                              "KV cache to carry the effect into decoding; generate with use_cache=True")
         state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations,
                                  sources, source_locations, subspaces, tasks)
-        every_token = any(slot.every_token for slot in self._hooks.slots)
+        every_token = any(slot.every_token for slot in self._hooks.slots) if edit_new_tokens is None \
+            else bool(edit_new_tokens)
+        state.edit_new_tokens = bool(edit_new_tokens)
+        # generate runs the model that holds the weights: a peft wrapper's generate bypasses its own forward
+        stepper = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
         def before_step(module: nn.Module, args: Any, kwargs: dict) -> None:
             ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -245,8 +261,8 @@ class ReftModel(nn.Module):
             else:
                 state.active = False
 
-        handles = [self.model.register_forward_pre_hook(before_step, with_kwargs=True),
-                   self.model.register_forward_hook(after_prefill)]
+        handles = [stepper.register_forward_pre_hook(before_step, with_kwargs=True),
+                   stepper.register_forward_hook(after_prefill)]
         self._hooks.state = state
         try:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -354,9 +370,10 @@ class ReftModel(nn.Module):
 
     @classmethod
     def from_pyreft(cls, model: nn.Module, path: str | Path, positions: str | None = None,
-                    **intervention_kwargs: Any) -> "ReftModel":
-        """Migrate a pyreft 0.1.0 save folder; see :func:`reftkit.pyreft_import.load_pyreft`."""
-        return load_pyreft(model, path, cls, positions=positions, **intervention_kwargs)
+                    classes: dict[str, str] | None = None, **intervention_kwargs: Any) -> "ReftModel":
+        """Migrate a pyreft 0.1.0 save folder (``classes`` names the pyreft class a saved subclass extends);
+        see :func:`reftkit.pyreft_import.load_pyreft`. To keep running pyreft code, use ``reftkit.pyreft``."""
+        return load_pyreft(model, path, cls, positions=positions, classes=classes, **intervention_kwargs)
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig | Mapping[str, Any] | list) -> ReftModel:

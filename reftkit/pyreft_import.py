@@ -4,7 +4,10 @@ pyreft saves each intervention with ``torch.save``; we read them with
 ``torch.load(..., weights_only=True)``, which refuses anything but tensors and plain containers.
 pyreft does not save positions, ``dropout``, ``act_fn`` or ``add_bias``: pass ``positions`` (and
 ``act_fn``/``dropout`` if you trained with them) to :func:`load_pyreft`; ``add_bias`` is read off
-the presence of the projection bias.
+the presence of the projection bias, and the rank off the tensors (pyvene writes the config's
+``low_rank_dimension``, which is ``None`` when only the intervention instance carried the rank, as
+in pyreft's memorisation and composition examples). A component that is a pyvene module path
+(``"model.layers[1].output"``) is translated by :func:`pyvene_component`.
 
 Orthogonal bases: pyreft's LoReFT saves the materialised ``R`` (``rotate_layer``, ``d x r``); the
 other orthogonal classes save torch's ``orthogonal`` parametrisation internals
@@ -25,7 +28,60 @@ from reftkit.interventions import PYREFT_NAMES
 
 from .serialization import Build, LoadError, check_and_load
 
-_CLASS = re.compile(r"pyreft\.interventions\.(\w+)")
+_CLASS = re.compile(r"<class '([\w.]+)'>")
+#: the fields of pyvene's RepresentationConfig namedtuple (0.1.8), the order of a saved representation list
+PYVENE_REPRESENTATION = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
+                         "intervention_type", "intervention", "subspace_partition", "group_key",
+                         "intervention_link_key", "moe_key", "source_representation",
+                         "hidden_source_representation", "latent_dim")
+#: fields that change what pyvene's forward does, which reftkit cannot take over from a save
+_UNSUPPORTED = ("subspace_partition", "intervention_link_key", "moe_key", "hidden_source_representation")
+_SEGMENT = re.compile(r"[^\[\]\s:]+")
+_INDEXED = re.compile(r"([^\[\]\s:]+)\[\s*(-?\d+)\s*\]")
+
+
+def pyvene_component(component: str) -> str:
+    """pyvene's component -> reftkit's: a component name passes through, a module path is rewritten.
+
+    pyvene (``modeling_utils.get_module_hook``) reads a component that is not one of its names as a
+    module path whose last dot-segment is the hook, ``input`` or ``output``; in the rest, ``name[i]``
+    indexes a ModuleList (``getattr_for_torch_module``) and a plain segment is an attribute, digits
+    included. reftkit writes a module path with dots for indices and the hook after ``:``, so
+
+    * ``"model.layers[3].mlp.output"`` -> ``"model.layers.3.mlp:output"``
+    * ``"roberta.encoder.layer[1].output"`` -> ``"roberta.encoder.layer.1:output"`` (the layer's output;
+      the module named ``output`` inside it would be ``"roberta.encoder.layer.1.output:output"``)
+    * ``"block_output"`` (no dot) -> ``"block_output"``; a path already in reftkit's form (with ``:``
+      and no bracket) is returned unchanged.
+
+    Raises ``ValueError`` naming the value for a path pyvene could not hook or would read otherwise than
+    it looks: a last segment other than ``input``/``output``, an empty segment, a malformed or repeated
+    bracket (pyvene uses only the last index of ``a[1][2]``), a negative index (it counts from the end
+    of a ModuleList, which needs the model: write the index itself).
+    """
+    if not isinstance(component, str) or not component:
+        raise ValueError(f"component={component!r} must be a non-empty string")
+    if "." not in component or (":" in component and "[" not in component and "]" not in component):
+        return component
+    *parts, hook = component.split(".")
+    if hook not in ("input", "output"):
+        raise ValueError(f"component={component!r}: pyvene reads the last dot-segment as the hook, and "
+                         f"{hook!r} is neither 'input' nor 'output'")
+    path = []
+    for part in parts:
+        indexed = _INDEXED.fullmatch(part)
+        if indexed is not None:
+            if int(indexed.group(2)) < 0:
+                raise ValueError(f"component={component!r}: index [{indexed.group(2)}] counts from the end, which "
+                                 "needs the model; write the non-negative index")
+            path += [indexed.group(1), str(int(indexed.group(2)))]
+        elif _SEGMENT.fullmatch(part):
+            path.append(part)
+        else:
+            raise ValueError(f"component={component!r}: segment {part!r} is neither a name nor name[index]")
+    if not path:
+        raise ValueError(f"component={component!r} names a hook but no module")
+    return ".".join(path) + ":" + hook
 
 
 def _orthogonal_basis(state: dict[str, torch.Tensor],
@@ -43,7 +99,8 @@ def _rotation(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return _orthogonal_basis(state)
 
 
-def _translate(cls_name: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def translate_pyreft_state(cls_name: str, state: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Map a pyreft state dict to reftkit names; the basis R (if any) is returned apart."""
     if cls_name == "LoreftIntervention":
         return {"source.weight": state["weight"], "source.bias": state["bias"]}, _rotation(state)
@@ -61,15 +118,65 @@ def _translate(cls_name: str, state: dict[str, torch.Tensor]) -> tuple[dict[str,
     raise LoadError(f"intervention class {cls_name!r} is not one of pyreft's six ({sorted(PYREFT_NAMES)})")
 
 
+def rank_of(named: dict[str, torch.Tensor], basis: torch.Tensor | None) -> int:
+    """The rank the intervention ran with: R's columns, else the projection's rows."""
+    return int(basis.shape[1]) if basis is not None else int(named["projection.weight"].shape[0])
+
+
+def _class_name(type_text: Any, classes: dict[str, str], where: str) -> str:
+    """pyreft's class name for ``str(type(intervention))``; ``classes`` maps other classes to one of the six."""
+    match = _CLASS.fullmatch(str(type_text).strip())
+    dotted = match.group(1) if match else str(type_text)
+    short = dotted.rsplit(".", 1)[-1]
+    for name in (dotted, short):
+        if name in classes:
+            if classes[name] not in PYREFT_NAMES:
+                raise LoadError(f"classes[{name!r}]={classes[name]!r} is not one of pyreft's six "
+                                f"({sorted(PYREFT_NAMES)})")
+            return classes[name]
+    if match and dotted.startswith("pyreft.") and short in PYREFT_NAMES:
+        return short
+    raise LoadError(f"{where}={type_text!r} is not one of pyreft's six ({sorted(PYREFT_NAMES)}); if it subclasses "
+                    f"one and keeps its weights (the composition example's SubloreftIntervention is a LoReFT), "
+                    f"pass classes={{{short!r}: 'LoreftIntervention'}} (or the class it extends)")
+
+
+def _representation(rep: Any, where: str) -> dict[str, Any]:
+    """A saved representation (pyvene writes the namedtuple as a list; a dict is read by name) as a dict."""
+    if isinstance(rep, dict):
+        fields = dict(rep)
+    elif isinstance(rep, list) and 2 <= len(rep) <= len(PYVENE_REPRESENTATION):
+        fields = dict(zip(PYVENE_REPRESENTATION, rep))
+    else:
+        raise LoadError(f"{where}={rep!r} is not a pyvene RepresentationConfig (a list of up to "
+                        f"{len(PYVENE_REPRESENTATION)} fields: {', '.join(PYVENE_REPRESENTATION)})")
+    unit = fields.get("unit", "pos")
+    if unit not in ("pos", None):
+        raise LoadError(f"{where}: unit={unit!r}; reftkit intervenes on positions (pyvene's 'pos', what pyreft "
+                        "writes), not on pyvene's head units")
+    for name in _UNSUPPORTED:
+        if fields.get(name) not in (None, False):
+            raise LoadError(f"{where}: {name}={fields[name]!r} changes what pyvene's forward does, and reftkit "
+                            "does not take it over from a save")
+    try:
+        fields["component"] = pyvene_component(fields.get("component", "block_output"))
+    except ValueError as err:
+        raise LoadError(f"{where}: {err}") from None
+    return fields
+
+
 def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str | None = None,
-                **intervention_kwargs: Any) -> Any:
+                classes: dict[str, str] | None = None, **intervention_kwargs: Any) -> Any:
     """Build a :class:`~reftkit.ReftModel` on ``model`` from pyreft's save folder ``path``
     (``build(model, config)`` attaches; ``ReftModel.from_pyreft`` passes its class).
 
     ``positions`` applies to every representation (pyreft keeps positions in its data, not its
-    save); leave it ``None`` to pass ``intervention_locations`` at call time, in the order of
-    pyreft's ``sorted_keys`` (which is also reftkit's order). ``intervention_kwargs`` (``act_fn``,
-    ``dropout``) are set on every representation.
+    save); leave it ``None`` and every call must pass ``intervention_locations`` (a call without them
+    raises), in the order of pyreft's ``sorted_keys`` (which is also reftkit's order).
+    ``classes`` maps an intervention class of the save that is not one of pyreft's six (by its name
+    or its dotted path, e.g. the composition example's ``SubloreftIntervention``) to the one of the
+    six whose weights and formula it keeps. ``intervention_kwargs`` (``act_fn``, ``dropout``) are
+    set on every representation. Each rank is read off the saved tensors.
     """
     folder = Path(path)
     config_file = folder / "config.json"
@@ -83,11 +190,10 @@ def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str
     if not len(reps) == len(types) == len(keys):
         raise LoadError(f"{config_file}: {len(reps)} representations, {len(types)} intervention_types and "
                         f"{len(keys)} sorted_keys must agree")
-    entries, states, class_names = [], [], []
+    entries, states, translated = [], [], []
     for i, (rep, type_text, key) in enumerate(zip(reps, types, keys)):
-        match = _CLASS.search(str(type_text))
-        if not match or match.group(1) not in PYREFT_NAMES:
-            raise LoadError(f"{config_file}: intervention_types[{i}]={type_text!r} is not one of pyreft's six")
+        cls_name = _class_name(type_text, dict(classes or {}), f"{config_file}: intervention_types[{i}]")
+        fields = _representation(rep, f"{config_file}: representations[{i}]")
         weights = folder / f"intkey_{key}.bin"
         if not weights.is_file():
             raise LoadError(f"{weights} is missing (sorted_keys[{i}]={key!r})")
@@ -95,31 +201,38 @@ def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - report any refusal of the unpickler by file name
             raise LoadError(f"{weights} could not be read safely (weights_only=True): {err}") from None
-        cls_name = match.group(1)
-        layer, component, low_rank = rep[0], rep[1], rep[4]
-        kwargs = {"low_rank_dimension": int(low_rank)} | dict(intervention_kwargs)
+        try:
+            named, basis = translate_pyreft_state(cls_name, state)
+        except KeyError as err:
+            raise LoadError(f"{weights}: tensor {err} is missing for a {cls_name}") from None
+        # the tensors are what pyreft's forward ran with; the config's low_rank_dimension is None when only
+        # the instance carried the rank, and the instance's rank wins in pyvene where the two differ
+        kwargs = {"low_rank_dimension": rank_of(named, basis)} | dict(intervention_kwargs)
         if cls_name in ("NoreftIntervention", "NodireftIntervention"):
             kwargs["add_bias"] = "proj_layer.bias" in state
         if cls_name in ("ConsreftIntervention", "LobireftIntervention"):
             kwargs.pop("act_fn", None)  # these two have no activation
-        entries.append({"layer": layer, "component": component, "positions": positions,
+        layer = fields.get("layer", 0)  # pyvene's default; it ignores the layer of a module path
+        entries.append({"layer": layer, "component": fields["component"], "positions": positions,
                         "intervention": PYREFT_NAMES[cls_name].name, **kwargs})
         states.append(state)
-        class_names.append(cls_name)
+        translated.append((named, basis))
     reft = build(model, entries)
     tensors: dict[str, torch.Tensor] = {}
-    for key, cls_name, state in zip(reft.interventions, class_names, states):
+    for key, state, (named, basis) in zip(reft.interventions, states, translated):
         iv = reft.interventions[key]
         if "embed_dim" in state and int(state["embed_dim"]) != iv.embed_dim:
             reft.detach()
             raise LoadError(f"{folder}: intervention {key!r} was saved with embed_dim={int(state['embed_dim'])}, "
                             f"the model's site has width {iv.embed_dim}")
-        named, basis = _translate(cls_name, state)
         tensors.update({f"{key}.{name}": t for name, t in named.items()})
         if basis is not None:
             tensors[f"{key}.rotation.raw"] = basis
     try:
         check_and_load(reft.interventions, {k: v.float() for k, v in tensors.items()}, str(folder))
+        for key, (_, basis) in zip(reft.interventions, translated):
+            if basis is not None:  # R through assign: the next step moves it as far as pyreft's map would
+                reft.interventions[key].rotation.assign(basis.float())
     except LoadError:
         reft.detach()
         raise

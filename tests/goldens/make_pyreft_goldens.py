@@ -13,6 +13,13 @@ Output layout (all under tests/goldens/pyreft/):
     <arch>/<Intervention>/weights.safetensors       materialised weights used by the forward
     <arch>/<Intervention>/state_dict_keys.json      keys/shapes/dtypes of every intkey_*.bin
     manifest.json                                   summary + reload-verification results
+    styles/<case>/...                               saves in the forms of pyreft's examples (no flat rank,
+                                                    a script-defined subclass, pyvene bracket paths):
+                                                    make_pyreft_style_goldens.py
+
+``--cases styles`` writes only ``styles/`` (from the existing ``llama/base``), leaving the per-class
+goldens untouched: regenerating those on another CPU can move their logits by ~1e-6 (torch's QR
+and orthogonal maps differ slightly across CPUs), which the tests tolerate but git would show.
 
 See tests/goldens/pyreft/README.md for the format description.
 """
@@ -33,6 +40,7 @@ try:
     import pyreft
     import pyvene
     import transformers
+    from make_pyreft_style_goldens import make_style_goldens  # beside this file (the script's sys.path[0])
     from safetensors.torch import save_file
 except ImportError as exc:  # pragma: no cover - guidance only
     sys.exit(
@@ -365,12 +373,18 @@ def verify_reload(arch, name, base_dir, save_dir, batches, d):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--cases", choices=("all", "classes", "styles"), default="all",
+                    help="classes: <arch>/<Intervention>/ and manifest.json; styles: styles/ only")
     args = ap.parse_args()
     t0 = time.time()
     torch.set_num_threads(1)  # bitwise-stable CPU matmuls run to run
     torch.use_deterministic_algorithms(True)
 
     out_root = args.out
+    if args.cases == "styles":
+        make_style_goldens(out_root, sys.modules[__name__])
+        print(f"done in {time.time() - t0:.1f}s -> {out_root}/styles")
+        return
     for arch in ARCHS:
         shutil.rmtree(os.path.join(out_root, arch), ignore_errors=True)
     os.makedirs(out_root, exist_ok=True)
@@ -519,6 +533,8 @@ def main():
     with open(os.path.join(out_root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
+    if args.cases == "all":
+        make_style_goldens(out_root, sys.modules[__name__])
     print(f"done in {time.time() - t0:.1f}s -> {out_root}")
 
 

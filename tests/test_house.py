@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: installed package name -> source folder (pyproject's package-dir)
 PACKAGES = {"reftkit": ROOT / "reftkit", "reftkit.interventions": ROOT / "interventions",
             "reftkit.analysis": ROOT / "analysis", "reftkit.experts": ROOT / "experts"}
-ROOMS = ("data", "training", "models", "cli")
+ROOMS = ("data", "training", "models", "cli", "pyreft")
 #: room -> the rooms its modules may import ("facade": ``reftkit/__init__``, which lends names of
 #: data, training and models, so only the rooms above those may import it)
 ALLOWED = {
@@ -26,6 +26,8 @@ ALLOWED = {
     "data": {"data", "core", "interventions"},
     "models": {"models", "core"},
     "training": {"training", "data", "core", "interventions"},
+    # pyreft's API on reftkit: maps onto the core, the data modules and the trainer, and nothing imports it
+    "pyreft": {"pyreft", "training", "data", "core", "interventions"},
     "facade": {"core", "interventions", "data", "models", "training"},
     "analysis": {"analysis", "facade", "training", "data", "models", "core", "interventions"},
     "experts": {"experts", "analysis", "facade", "training", "data", "models", "core", "interventions"},

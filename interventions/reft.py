@@ -63,20 +63,62 @@ def _activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class Orthonormal(nn.Module):
-    """``R = Q`` from the reduced QR decomposition of a free ``d x r`` matrix ``raw``, with the
-    signs fixed so that ``diag(R_qr) > 0`` (which makes the map unique and the identity on
-    matrices that are already orthonormal).
+    """``R = Q`` from the reduced QR decomposition ``raw = Q U`` of a free ``d x r`` matrix ``raw``, with
+    the signs fixed so that ``diag(U) > 0`` (which makes the map unique).
 
     Why QR instead of ``torch.nn.utils.parametrizations.orthogonal`` (pyreft's choice): the
-    latter keeps a ``d x d`` buffer per intervention (64 MiB at d=4096) and loses orthogonality
-    when run in bf16. QR in float32 is exact to float eps, costs ``O(d r^2)`` per call, and
-    ``raw`` alone is the saved state, so a reload resumes training exactly.
+    latter keeps a ``d x d`` buffer per intervention (64 MiB at d=4096), loses orthogonality
+    when run in bf16, and collapses under weight decay (its sign diagonal is read with ``.int()``:
+    decayed from -1 to ``-(1 - lr wd)`` it reads 0, and ``R`` becomes 0 at the first decayed step).
+    QR in float32 is exact to float eps whatever the scale of ``raw``, costs ``O(d r^2)`` per call,
+    and ``raw`` alone is the saved state, so a reload resumes training exactly.
+
+    Step size. ``R`` does not depend on the length of ``raw``'s columns (``Q(raw D) = Q(raw)`` for a
+    positive diagonal ``D``), but how far a step moves ``R`` does. At ``raw = s R`` a change ``E`` of
+    ``raw`` moves ``R`` by ``dR = ((I - R R^T) E + R (L - L^T)) / s`` to first order, ``L`` the
+    strictly lower triangle of ``R^T E``: the gain is ``1 / s``. Adam moves each entry of ``raw`` by
+    about ``lr`` whatever the gradient's scale, so ``R`` moves about ``lr sqrt(d r) / s`` per step (plain
+    SGD: ``1 / s^2``). torch's map for a tall matrix starts at ``A = 0`` with Householder reflectors
+    ``I - 2 v v^T / |v|^2``, ``v = e_i + a_i``, so a change ``dA`` moves ``R`` by ``2 dA``: the same
+    first-order map as QR at ``s = 1/2``, up to a fixed rotation of the parameter's coordinates (its
+    ``d x d`` ``base``); for a square matrix torch uses the matrix exponential, whose map is QR's at
+    ``s = 1``. reftkit used to store unit columns: from the same weights, with the same optimiser,
+    its ``R`` moved about 2/3 as far per step as pyreft's and learnt slower with pyreft's
+    hyperparameters. So ``raw`` holds ``scale * R``, :attr:`scale` = 1/2 for a tall basis (1 for a
+    square one), from initialisation and :meth:`assign`. Measured (``benchmarks/bench_dynamics.py``,
+    SmolLM2, README quickstart, LoReFT r4 at layer 8, lr 4e-3, 3 seeds, same initial weights): loss
+    after 8 steps 2.131 with unit columns, 2.071 now, 2.065 for pyreft; ``|R_8 - R_0|`` 0.72, 1.09
+    and 1.15. What is left in the first steps is Adam's coordinates (the model's here, a random
+    ``base``'s in torch's map), not the step size.
+
+    During training Adam's steps, nearly orthogonal to ``raw``'s columns, lengthen them
+    (``|raw_j|^2`` gains ``|step|^2``), so the gain falls slowly, as it does for torch's map while
+    ``|A|`` grows. Weight decay shortens them: it cannot change ``R``, only raise the step. Under
+    AdamW the length settles where the two balance and ``R`` then turns by about ``sqrt(2 lr wd)``
+    per step, so the step stays bounded; but a column that gets no gradient for long (an unused
+    subspace) shrinks as ``(1 - lr wd)^t`` and moves far when it is trained again. Decay on ``raw``
+    regularises nothing; leaving it out of weight decay avoids that, and ``reftkit.training.ReftTrainer``
+    does (its ``get_decay_parameter_names``).
+
+    Old saves (unit columns) load to the same ``R`` and keep the step size they were trained with;
+    a pyreft basis loaded into ``raw`` directly, rather than through :meth:`assign`, does too.
     """
+
+    #: length of ``raw``'s columns for a tall basis (``r < d``): torch's Householder map's step
+    TALL_SCALE = 0.5
 
     def __init__(self, embed_dim: int, rank: int) -> None:
         super().__init__()
         self.raw = nn.Parameter(torch.empty(embed_dim, rank))
-        nn.init.orthogonal_(self.raw)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.raw)
+            self.raw.mul_(self.scale)
+
+    @property
+    def scale(self) -> float:
+        """Length of ``raw``'s columns at initialisation and after :meth:`assign`: ``1 / gain``."""
+        d, r = self.raw.shape
+        return self.TALL_SCALE if r < d else 1.0
 
     def forward(self) -> torch.Tensor:
         q, r = torch.linalg.qr(self.raw.float())
@@ -85,8 +127,9 @@ class Orthonormal(nn.Module):
 
     @torch.no_grad()
     def assign(self, basis: torch.Tensor) -> None:
-        """Set ``raw`` so that ``forward()`` returns ``basis`` (a ``d x r`` orthonormal matrix)."""
-        self.raw.copy_(basis.to(self.raw.dtype))
+        """Set ``raw = scale * basis`` so that ``forward()`` returns ``basis`` (a ``d x r`` orthonormal
+        matrix) and the next step moves it as far as a fresh initialisation's would."""
+        self.raw.copy_((basis.float() * self.scale).to(self.raw.dtype))
 
 
 class _LowRank(Intervention):

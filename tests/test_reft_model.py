@@ -164,7 +164,9 @@ def test_empty_slots_give_exact_gradients():
     handle.remove()
     for g, p in zip(grads, iv.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(g_embeds, embeds2.grad, atol=1e-6, rtol=1e-5)
+    # input gradients reach ~80 here: 1e-5 is float32 noise of the batched vs per-row order, while a second
+    # gradient routed through an empty slot would be of the order of the gradient itself
+    torch.testing.assert_close(g_embeds, embeds2.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_masked_path_equals_fast_path_when_every_slot_is_valid():

@@ -158,6 +158,12 @@ class ReftTrainer(Trainer):
             raise ValueError(f"cache_frozen_prefix={setting!r}: give True (no byte limit) or a byte count >= 0")
         return FrozenPrefixCache(model, max_bytes=None if setting is True else int(setting))
 
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """``Trainer``'s list, less the free matrices of orthonormal bases (``...rotation.raw``): ``R = QR(raw)``
+        ignores the length of ``raw``'s columns, so decay there regularises nothing and only shortens them, which
+        raises the step ``R`` takes (see :class:`reftkit.interventions.Orthonormal`)."""
+        return [name for name in super().get_decay_parameter_names(model) if not name.endswith("rotation.raw")]
+
     def _reft_module(self, model: nn.Module | None = None) -> ReftModel | ReftForSequenceClassification:
         return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
 

@@ -23,7 +23,8 @@ PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 # 2) what pyreft/pyvene actually need at import time (pyreft 0.1.0 declares a huge,
 #    partly conflicting dependency list: jupyter, wandb, ydata-profiling, seaborn==0.12.2, ...).
 "${PIP[@]}" "torch==2.13.0" "transformers==4.45.1" "safetensors==0.8.0" "numpy==2.4.6" \
-  "tqdm" "datasets" "networkx" "matplotlib" "accelerate==1.0.1"  # accelerate: Trainer (bench_recipe)
+  "tqdm" "datasets" "networkx" "matplotlib" "accelerate==1.0.1" \
+  "peft==0.21.2"  # accelerate: Trainer (bench_recipe); peft: tests/pyreft_compat pattern 8 run with --real
 # 3) pyreft + pyvene without their declared deps (pyreft 0.1.0 requires pyvene>=0.1.7).
 "${PIP[@]}" --no-deps "pyreft==0.1.0" "pyvene==0.1.8"
 

@@ -165,6 +165,34 @@ def _representation(rep: Any, where: str) -> dict[str, Any]:
     return fields
 
 
+def read_pyreft_config(folder: Path) -> tuple[Path, list, list, list]:
+    """``config.json`` of a pyreft save folder: its path, ``representations``, ``intervention_types`` and
+    ``sorted_keys``, checked to be present and of one length."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LoadError(f"{config_file} is missing; is {folder} a folder saved by pyreft (or reftkit.pyreft)?")
+    config = json.loads(config_file.read_text())
+    for field in ("representations", "intervention_types", "sorted_keys"):
+        if field not in config:
+            raise LoadError(f"{config_file}: field {field!r} is missing; this is not a pyreft 0.1.0 config")
+    reps, types, keys = config["representations"], config["intervention_types"], config["sorted_keys"]
+    if not len(reps) == len(types) == len(keys):
+        raise LoadError(f"{config_file}: {len(reps)} representations, {len(types)} intervention_types and "
+                        f"{len(keys)} sorted_keys must agree")
+    return config_file, reps, types, keys
+
+
+def read_pyreft_state(path: Path, what: str = "") -> dict[str, torch.Tensor]:
+    """One ``torch.save``d file of a pyreft folder, read with ``weights_only=True`` (tensors and plain
+    containers only); ``what`` says which entry of the config named it."""
+    if not path.is_file():
+        raise LoadError(f"{path} is missing" + (f" ({what})" if what else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - report any refusal of the unpickler by file name
+        raise LoadError(f"{path} could not be read safely (weights_only=True): {err}") from None
+
+
 def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str | None = None,
                 classes: dict[str, str] | None = None, **intervention_kwargs: Any) -> Any:
     """Build a :class:`~reftkit.ReftModel` on ``model`` from pyreft's save folder ``path``
@@ -179,28 +207,13 @@ def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str
     set on every representation. Each rank is read off the saved tensors.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise LoadError(f"{config_file} is missing; is {folder} a pyreft save folder?")
-    config = json.loads(config_file.read_text())
-    for field in ("representations", "intervention_types", "sorted_keys"):
-        if field not in config:
-            raise LoadError(f"{config_file}: field {field!r} is missing; this is not a pyreft 0.1.0 config")
-    reps, types, keys = config["representations"], config["intervention_types"], config["sorted_keys"]
-    if not len(reps) == len(types) == len(keys):
-        raise LoadError(f"{config_file}: {len(reps)} representations, {len(types)} intervention_types and "
-                        f"{len(keys)} sorted_keys must agree")
+    config_file, reps, types, keys = read_pyreft_config(folder)
     entries, states, translated = [], [], []
     for i, (rep, type_text, key) in enumerate(zip(reps, types, keys)):
         cls_name = _class_name(type_text, dict(classes or {}), f"{config_file}: intervention_types[{i}]")
         fields = _representation(rep, f"{config_file}: representations[{i}]")
         weights = folder / f"intkey_{key}.bin"
-        if not weights.is_file():
-            raise LoadError(f"{weights} is missing (sorted_keys[{i}]={key!r})")
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - report any refusal of the unpickler by file name
-            raise LoadError(f"{weights} could not be read safely (weights_only=True): {err}") from None
+        state = read_pyreft_state(weights, f"sorted_keys[{i}]={key!r}")
         try:
             named, basis = translate_pyreft_state(cls_name, state)
         except KeyError as err:

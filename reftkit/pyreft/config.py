@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from reftkit.config import ConfigError
-from reftkit.pyreft_import import pyvene_component
+from reftkit.pyreft_import import PYVENE_REPRESENTATION, pyvene_component
 
 from .interventions import PYREFT_CLASSES, PyreftSurface, pyreft_base_class
 
 #: pyvene's RepresentationConfig fields, in its order (a list-form representation is read in this order)
-REPRESENTATION_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
-                         "intervention_type", "intervention", "subspace_partition", "group_key",
-                         "intervention_link_key", "moe_key", "source_representation",
-                         "hidden_source_representation", "latent_dim")
+REPRESENTATION_FIELDS = PYVENE_REPRESENTATION
 _UNSUPPORTED = {
     "subspace_partition": "pass subspaces=... per call instead",
     "group_key": "reftkit.pyreft runs every intervention in one forward; use reftkit.ReftModel with sources= for "

@@ -27,7 +27,7 @@ import torch
 import transformers
 from torch import nn
 
-from reftkit.pyreft_import import rank_of, translate_pyreft_state
+from reftkit.pyreft_import import rank_of, read_pyreft_config, read_pyreft_state, translate_pyreft_state
 from reftkit.serialization import LoadError, check_and_load
 
 from .config import REPRESENTATION_FIELDS, ReftConfig
@@ -117,33 +117,14 @@ def _resolve_class(text: str, index: int, config_file: Path) -> type[PyreftSurfa
     return cls
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise LoadError(f"{path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any refusal of the safe unpickler, by file name
-        raise LoadError(f"{path} could not be read safely (weights_only=True): {err}") from None
-
-
 def _read_folder(folder: Path) -> tuple[list[dict[str, Any]], list[tuple], list[str]]:
     """The entries (with fresh interventions) and translated tensors of a pyreft save folder, and its keys."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise LoadError(f"{config_file} is missing; is {folder} a folder saved by pyreft or reftkit.pyreft?")
-    saved = json.loads(config_file.read_text())
-    for field in ("representations", "intervention_types", "sorted_keys"):
-        if field not in saved:
-            raise LoadError(f"{config_file}: field {field!r} is missing; this is not a pyreft config")
-    reps, types, keys = saved["representations"], saved["intervention_types"], saved["sorted_keys"]
-    if not len(reps) == len(types) == len(keys):
-        raise LoadError(f"{config_file}: {len(reps)} representations, {len(types)} intervention_types and {len(keys)} "
-                        "sorted_keys must agree")
+    config_file, reps, types, keys = read_pyreft_config(folder)
     entries, states = [], []
     for i, (rep, text, key) in enumerate(zip(reps, types, keys)):
         fields = dict(zip(REPRESENTATION_FIELDS, rep)) if isinstance(rep, list) else dict(rep)
         cls = _resolve_class(text, i, config_file)
-        state = _read_state(folder / f"intkey_{key}.bin")
+        state = read_pyreft_state(folder / f"intkey_{key}.bin", f"sorted_keys[{i}]={key!r}")
         name = pyreft_base_class(cls)
         try:
             named, basis = translate_pyreft_state(name, state)
@@ -205,7 +186,7 @@ def load_into(reft: Any, directory: str | Path, include_model: bool = True) -> N
 
 
 def _load_model_weights(model: nn.Module, path: Path) -> None:
-    state = _read_state(path)
+    state = read_pyreft_state(path)
     own = dict(model.named_parameters())
     unknown = sorted(set(state) - set(own))
     if unknown:

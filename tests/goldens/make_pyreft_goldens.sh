@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate tests/goldens/pyreft/ from pyreft 0.1.0 in a THROWAWAY venv under /tmp.
-# Usage: bash tests/goldens/make_pyreft_goldens.sh
+# Usage: bash tests/goldens/make_pyreft_goldens.sh [--cases all|classes|styles]
 # Env: PYREFT_GOLDEN_VENV (default /tmp/pyreft_golden_venv), PYTHON (default python3).
 set -euo pipefail
 
@@ -29,4 +29,10 @@ PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 "${PIP[@]}" --no-deps "pyreft==0.1.0" "pyvene==0.1.8"
 
 cd "$HERE/../.."
-exec "$VENV/bin/python" "$HERE/make_pyreft_goldens.py" "$@"
+# from_pyreft goldens (pyreft/; --cases picks a subset), then reftkit.pyreft's: its data modules and datasets
+# (pyreft_data/, tests/pyreft_compat/test_compat_data.py) and its model and trainers (pyreft_compat/,
+# tests/pyreft_compat/test_compat_parity.py)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$VENV/bin/python" "$HERE/make_pyreft_goldens.py" "$@"
+"$VENV/bin/python" "$HERE/make_pyreft_data_goldens.py"
+"$VENV/bin/python" "$HERE/make_pyreft_compat_goldens.py"

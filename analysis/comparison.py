@@ -257,6 +257,8 @@ def plot_comparison(frame: pd.DataFrame, metric: str = "rougeL") -> Any:
     quality.set_title(f"{metric} vs trainable parameters")
     times = trained["train_time"] if "train_time" in trained else pd.Series([0.0] * len(trained))
     cost.barh(list(trained["method"]), list(times))
-    cost.set_xlabel("train time (s)")
+    cost.set_xlabel("train time [s]")
+    cost.set_ylabel("method")
     cost.set_title("training time")
+    fig.suptitle(f"methods compared on {metric}")
     return fig

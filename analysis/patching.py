@@ -120,10 +120,11 @@ def activation_patching(model: nn.Module, clean: dict[str, torch.Tensor], corrup
 def plot_patching(frame: "pandas.DataFrame", value: str = "recovered", tokens: Sequence[str] | None = None,  # noqa: F821
                   title: str | None = None) -> "matplotlib.figure.Figure":  # noqa: F821
     """Heat map of :func:`activation_patching`'s result: layers down, positions across."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     grid = frame.pivot(index="layer", columns="position", values=value)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * grid.shape[1], 1.0 + 0.35 * grid.shape[0]))
+    fig = Figure(figsize=(1.0 + 0.6 * grid.shape[1], 1.0 + 0.35 * grid.shape[0]))
+    ax = fig.subplots()
     limit = float(grid.abs().max().max()) or 1.0
     image = ax.imshow(grid.values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(grid.shape[1]))
@@ -131,9 +132,9 @@ def plot_patching(frame: "pandas.DataFrame", value: str = "recovered", tokens: S
                        rotation=60, ha="right")
     ax.set_yticks(range(grid.shape[0]))
     ax.set_yticklabels(list(grid.index))
-    ax.set_xlabel("position")
+    ax.set_xlabel("token position")
     ax.set_ylabel("layer")
     ax.set_title(title or f"activation patching ({value})")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=value)
     fig.tight_layout()
     return fig

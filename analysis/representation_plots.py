@@ -34,14 +34,14 @@ def plot_representation_changes(frame: "pandas.DataFrame", value: str = "delta_n
                        rotation=60, ha="right")
     ax.set_yticks(range(grid.shape[0]))
     ax.set_yticklabels([_layer_label(int(layer)) for layer in grid.index])
-    ax.set_xlabel("position" + (" (from the end)" if frame.attrs.get("positions") == "last" else ""))
+    ax.set_xlabel("token position" + (" (from the end)" if frame.attrs.get("positions") == "last" else ""))
     ax.set_ylabel("layer")
     ax.set_title(f"{value} (adapted − base)")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=value)
     if cos.shape[1] > 1:
         for layer, row in cos.iterrows():
             ax_cos.plot(list(cos.columns), row.values, marker=".", label=f"layer {_layer_label(int(layer))}")
-        ax_cos.set_xlabel("position")
+        ax_cos.set_xlabel("token position")
         ax_cos.legend(fontsize="x-small", ncol=2)
     else:
         ax_cos.plot(list(cos.index), cos.iloc[:, 0].values, marker="o", label=f"position {cos.columns[0]}")
@@ -104,8 +104,10 @@ def plot_subspace_similarity(frame: "pandas.DataFrame", value: str = "mean_cos2"
             for j in range(len(names)):
                 ax.text(j, i, f"{grid.values[i, j]:.2f}", ha="center", va="center", fontsize="x-small",
                         color="grey")
+    ax.set_xlabel("subspace")
+    ax.set_ylabel("subspace")
     ax.set_title(title or f"subspace similarity ({value})")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=f"{value} [degrees]" if value.endswith("_deg") else value)
     fig.tight_layout()
     return fig
 
@@ -136,6 +138,7 @@ def plot_logit_lens(frame: "pandas.DataFrame", max_panels: int = 16,  # noqa: F8
         ax.axvline(0.0, color="black", linewidth=0.5)
         ax.set_title(f"{name} · direction {direction}", fontsize="small")
         ax.set_xlabel("logit score")
+        ax.set_ylabel("token")
     for ax in axes[len(keys):]:
         fig.delaxes(ax)
     fig.suptitle(title or "logit lens of intervention directions")

@@ -16,6 +16,8 @@ import torch
 
 CALL_INPUTS = ("sources", "source_locations", "subspaces", "tasks")
 
+_USE_SOURCES = ("use sources= (a batch the bare model runs first; interchange and DAS interventions read its rows at "
+                "source_locations=); reftkit takes no precomputed source activations")
 #: pyvene's / pyreft's call arguments (``IntervenableModel.forward`` and ``generate`` in pyvene 0.1.8) that
 #: reftkit's own calls refuse, each with what to use instead. A refusal is a ``TypeError``: accepted, they
 #: would flow into the Hugging Face model's ``**kwargs`` and be ignored, and the call would quietly run at
@@ -30,12 +32,8 @@ PYVENE_CALL_ARGUMENTS: dict[str, str] = {
     "intervene_on_prompt": (
         "drop it: reftkit's generate always intervenes on the prompt at prefill (pyreft's "
         "intervene_on_prompt=True), and interventions with positions 'all' on each new token too"),
-    "source_representations": (
-        "use sources= (a batch the bare model runs first; interchange and DAS interventions read its rows at "
-        "source_locations=); reftkit takes no precomputed source activations"),
-    "activations_sources": (
-        "use sources= (a batch the bare model runs first; interchange and DAS interventions read its rows at "
-        "source_locations=); reftkit takes no precomputed source activations"),
+    "source_representations": _USE_SOURCES,
+    "activations_sources": _USE_SOURCES,
     "output_original_output": (
         "call the base model itself, reft_model.model(**inputs): outside a ReftModel call the hooks "
         "pass through"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -193,6 +193,50 @@ def read_pyreft_state(path: Path, what: str = "") -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} could not be read safely (weights_only=True): {err}") from None
 
 
+class PyreftWeights(NamedTuple):
+    """One intervention of a pyreft folder: its saved ``state``, the tensors under reftkit's names, ``R`` apart
+    (``None`` without a basis), and the constructor ``arguments`` the tensors fix (rank, NoReFT's ``add_bias``)."""
+
+    state: dict[str, torch.Tensor]
+    named: dict[str, torch.Tensor]
+    basis: torch.Tensor | None
+    arguments: dict[str, Any]
+
+
+def read_pyreft_weights(folder: Path, key: str, cls_name: str, index: int) -> PyreftWeights:
+    """Read and translate ``intkey_<key>.bin`` of a ``cls_name`` (one of pyreft's six)."""
+    path = folder / f"intkey_{key}.bin"
+    state = read_pyreft_state(path, f"sorted_keys[{index}]={key!r}")
+    try:
+        named, basis = translate_pyreft_state(cls_name, state)
+    except KeyError as err:
+        raise LoadError(f"{path}: tensor {err} is missing for a {cls_name}") from None
+    # the tensors are what pyreft's forward ran with; the config's low_rank_dimension is None when only the
+    # instance carried the rank, and the instance's rank wins in pyvene where the two differ
+    arguments: dict[str, Any] = {"low_rank_dimension": rank_of(named, basis)}
+    if cls_name in ("NoreftIntervention", "NodireftIntervention"):
+        arguments["add_bias"] = "proj_layer.bias" in state
+    return PyreftWeights(state, named, basis, arguments)
+
+
+def install_pyreft_weights(interventions: nn.ModuleDict, weights: list[PyreftWeights], source: str) -> None:
+    """Load translated weights into ``interventions`` (in order), strictly; ``R`` goes through ``assign`` so the
+    next step moves it as far as pyreft's map would."""
+    tensors: dict[str, torch.Tensor] = {}
+    for (key, iv), loaded in zip(interventions.items(), weights):
+        saved_width = loaded.state.get("embed_dim")
+        if saved_width is not None and int(saved_width) != iv.embed_dim:
+            raise LoadError(f"{source}: intervention {key!r} was saved with embed_dim={int(saved_width)}, the "
+                            f"model's site has width {iv.embed_dim}")
+        tensors.update({f"{key}.{name}": t.float() for name, t in loaded.named.items()})
+        if loaded.basis is not None:
+            tensors[f"{key}.rotation.raw"] = loaded.basis.float()
+    check_and_load(interventions, tensors, source)
+    for (key, iv), loaded in zip(interventions.items(), weights):
+        if loaded.basis is not None:
+            iv.rotation.assign(loaded.basis.float())
+
+
 def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str | None = None,
                 classes: dict[str, str] | None = None, **intervention_kwargs: Any) -> Any:
     """Build a :class:`~reftkit.ReftModel` on ``model`` from pyreft's save folder ``path``
@@ -208,44 +252,21 @@ def load_pyreft(model: nn.Module, path: str | Path, build: Build, positions: str
     """
     folder = Path(path)
     config_file, reps, types, keys = read_pyreft_config(folder)
-    entries, states, translated = [], [], []
+    entries, loaded = [], []
     for i, (rep, type_text, key) in enumerate(zip(reps, types, keys)):
         cls_name = _class_name(type_text, dict(classes or {}), f"{config_file}: intervention_types[{i}]")
         fields = _representation(rep, f"{config_file}: representations[{i}]")
-        weights = folder / f"intkey_{key}.bin"
-        state = read_pyreft_state(weights, f"sorted_keys[{i}]={key!r}")
-        try:
-            named, basis = translate_pyreft_state(cls_name, state)
-        except KeyError as err:
-            raise LoadError(f"{weights}: tensor {err} is missing for a {cls_name}") from None
-        # the tensors are what pyreft's forward ran with; the config's low_rank_dimension is None when only
-        # the instance carried the rank, and the instance's rank wins in pyvene where the two differ
-        kwargs = {"low_rank_dimension": rank_of(named, basis)} | dict(intervention_kwargs)
-        if cls_name in ("NoreftIntervention", "NodireftIntervention"):
-            kwargs["add_bias"] = "proj_layer.bias" in state
+        weights = read_pyreft_weights(folder, key, cls_name, i)
+        kwargs = weights.arguments | dict(intervention_kwargs)
         if cls_name in ("ConsreftIntervention", "LobireftIntervention"):
             kwargs.pop("act_fn", None)  # these two have no activation
         layer = fields.get("layer", 0)  # pyvene's default; it ignores the layer of a module path
         entries.append({"layer": layer, "component": fields["component"], "positions": positions,
                         "intervention": PYREFT_NAMES[cls_name].name, **kwargs})
-        states.append(state)
-        translated.append((named, basis))
+        loaded.append(weights)
     reft = build(model, entries)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, state, (named, basis) in zip(reft.interventions, states, translated):
-        iv = reft.interventions[key]
-        if "embed_dim" in state and int(state["embed_dim"]) != iv.embed_dim:
-            reft.detach()
-            raise LoadError(f"{folder}: intervention {key!r} was saved with embed_dim={int(state['embed_dim'])}, "
-                            f"the model's site has width {iv.embed_dim}")
-        tensors.update({f"{key}.{name}": t for name, t in named.items()})
-        if basis is not None:
-            tensors[f"{key}.rotation.raw"] = basis
     try:
-        check_and_load(reft.interventions, {k: v.float() for k, v in tensors.items()}, str(folder))
-        for key, (_, basis) in zip(reft.interventions, translated):
-            if basis is not None:  # R through assign: the next step moves it as far as pyreft's map would
-                reft.interventions[key].rotation.assign(basis.float())
+        install_pyreft_weights(reft.interventions, loaded, str(folder))
     except LoadError:
         reft.detach()
         raise

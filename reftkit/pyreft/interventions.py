@@ -91,8 +91,12 @@ class PyreftSurface:
 
     def __call__(self, base: torch.Tensor, source: torch.Tensor | None = None,
                  subspaces: Any = None) -> torch.Tensor:
-        # reftkit's hooks pass a bool mask over the rank ([B, 1, r]); pyvene passes index lists per example
-        if isinstance(subspaces, torch.Tensor) and subspaces.dtype == torch.bool:
+        # reftkit's hooks pass a bool mask over the rank ([B, 1, r]); pyvene passes index lists per example.
+        # The built-in forwards ignore subspaces (as pyreft's): only a subclass's own forward gets the lists,
+        # whose making reads the mask on the host, inside the hook.
+        if type(self).forward in _BUILTIN_FORWARDS:
+            subspaces = None
+        elif isinstance(subspaces, torch.Tensor) and subspaces.dtype == torch.bool:
             rows = subspaces.reshape(subspaces.shape[0], -1, subspaces.shape[-1]).any(1)
             subspaces = [row.nonzero().flatten().tolist() for row in rows]
         return nn.Module.__call__(self, base, source=source, subspaces=subspaces)
@@ -199,6 +203,11 @@ class LobireftIntervention(PyreftSurface, LobiReFT):
     def forward(self, base: torch.Tensor, source: torch.Tensor | None = None, subspaces: Any = None) -> torch.Tensor:
         return LobiReFT.forward(self, base)
 
+
+#: the six classes' own forwards, which ignore ``subspaces`` as pyreft's do
+_BUILTIN_FORWARDS = frozenset(cls.forward for cls in (
+    LoreftIntervention, NoreftIntervention, DireftIntervention, NodireftIntervention, ConsreftIntervention,
+    LobireftIntervention))
 
 #: pyreft class name -> this module's class
 PYREFT_CLASSES: dict[str, type[PyreftSurface]] = {cls.__name__: cls for cls in (

@@ -231,14 +231,9 @@ class ReftModel(CoreReftModel):
 def get_reft_model(model: nn.Module, reft_config: ReftConfig | Mapping[str, Any] | list, set_device: bool = True,
                    disable_model_grads: bool = True) -> ReftModel:
     """pyreft's ``get_reft_model``: wrap ``model`` (a Hugging Face model, or a peft model) with the config's
-    interventions. The model is frozen and in eval mode either way, as in pyreft (whose constructor freezes it
-    too); re-enable what you train yourself, e.g. ``reft_model.model.enable_adapter_layers()`` for peft's LoRA.
-    The interventions are put on the model's device at attach, which is what ``set_device=True`` asks."""
+    interventions. As in pyreft, whose constructor already does both, the interventions are on the model's
+    device and the model is frozen and in eval mode whatever the two flags say; re-enable what you train
+    yourself, e.g. ``reft_model.model.enable_adapter_layers()`` for peft's LoRA."""
     if isinstance(reft_config, ReftModel):
         raise TypeError("get_reft_model(model, reft_config): the second argument is the ReftConfig")
-    reft = ReftModel(reft_config, model)
-    if set_device:
-        reft.set_device(reft.get_device(), set_model=False)
-    if disable_model_grads:
-        reft.disable_model_gradients()
-    return reft
+    return ReftModel(reft_config, model)

@@ -27,8 +27,14 @@ import torch
 import transformers
 from torch import nn
 
-from reftkit.pyreft_import import rank_of, read_pyreft_config, read_pyreft_state, translate_pyreft_state
-from reftkit.serialization import LoadError, check_and_load
+from reftkit.pyreft_import import (
+    PyreftWeights,
+    install_pyreft_weights,
+    read_pyreft_config,
+    read_pyreft_state,
+    read_pyreft_weights,
+)
+from reftkit.serialization import LoadError
 
 from .config import REPRESENTATION_FIELDS, ReftConfig
 from .interventions import PYREFT_CLASSES, PyreftSurface, pyreft_base_class
@@ -117,43 +123,22 @@ def _resolve_class(text: str, index: int, config_file: Path) -> type[PyreftSurfa
     return cls
 
 
-def _read_folder(folder: Path) -> tuple[list[dict[str, Any]], list[tuple], list[str]]:
-    """The entries (with fresh interventions) and translated tensors of a pyreft save folder, and its keys."""
+def _read_folder(folder: Path) -> tuple[list[dict[str, Any]], list[PyreftWeights], list[str]]:
+    """The entries (with fresh interventions) and translated weights of a pyreft save folder, and its keys."""
     config_file, reps, types, keys = read_pyreft_config(folder)
-    entries, states = [], []
+    entries, loaded = [], []
     for i, (rep, text, key) in enumerate(zip(reps, types, keys)):
         fields = dict(zip(REPRESENTATION_FIELDS, rep)) if isinstance(rep, list) else dict(rep)
         cls = _resolve_class(text, i, config_file)
-        state = read_pyreft_state(folder / f"intkey_{key}.bin", f"sorted_keys[{i}]={key!r}")
-        name = pyreft_base_class(cls)
-        try:
-            named, basis = translate_pyreft_state(name, state)
-        except KeyError as err:
-            raise LoadError(f"{folder / f'intkey_{key}.bin'}: tensor {err} is missing for a {name}") from None
-        # the tensors are what pyreft ran with (its config's low_rank_dimension is None when only the instance
-        # carried the rank)
-        kwargs: dict[str, Any] = {"low_rank_dimension": rank_of(named, basis)}
-        if name in ("NoreftIntervention", "NodireftIntervention"):
-            kwargs["add_bias"] = "proj_layer.bias" in state
+        weights = read_pyreft_weights(folder, key, pyreft_base_class(cls), i)
         entries.append({f: fields.get(f) for f in ("layer", "component", "unit", "max_number_of_units")}
-                       | {"intervention": cls(**kwargs)})
-        states.append((state, named, basis))
-    return entries, states, list(keys)
+                       | {"intervention": cls(**weights.arguments)})
+        loaded.append(weights)
+    return entries, loaded, list(keys)
 
 
-def _load_states(reft: Any, states: list[tuple], folder: Path, include_model: bool) -> None:
-    tensors, bases = {}, {}
-    for (key, iv), (state, named, basis) in zip(reft.interventions.items(), states):
-        if "embed_dim" in state and int(state["embed_dim"]) != iv.embed_dim:
-            raise LoadError(f"{folder}: intervention {key!r} was saved with embed_dim={int(state['embed_dim'])}; "
-                            f"its site in this model has width {iv.embed_dim}")
-        tensors.update({f"{key}.{n}": t.float() for n, t in named.items()})
-        if basis is not None:
-            tensors[f"{key}.rotation.raw"] = basis.float()
-            bases[key] = basis
-    check_and_load(reft.interventions, tensors, str(folder))
-    for key, basis in bases.items():
-        reft.interventions[key].rotation.assign(basis.float())
+def _load_states(reft: Any, weights: list[PyreftWeights], folder: Path, include_model: bool) -> None:
+    install_pyreft_weights(reft.interventions, weights, str(folder))
     if include_model:
         _load_model_weights(reft.model, folder / "pytorch_model.bin")
 

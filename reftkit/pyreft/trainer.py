@@ -40,10 +40,10 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import EvalPrediction, denumpify_detensorize
 from transformers.utils import logging
 
-from reftkit.model import ReftModel as CoreReftModel
 from reftkit.training.trainer import ReftTrainer as CoreReftTrainer
 
 from .call_forms import once_each
+from .model import ReftModel
 
 logger = logging.get_logger(__name__)
 
@@ -86,18 +86,10 @@ def _pyreft_signature(method: Any) -> bool:
     return "num_items_in_batch" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def load_intervenable_model(reft: nn.Module, folder: str | Path) -> None:
+def load_intervenable_model(reft: ReftModel, folder: str | Path) -> None:
     """Load a ``save_model`` folder (``.../intervenable_model``) into ``reft`` in place (its interventions
     and the base model's trainable weights), as pyvene's ``load_intervention``."""
-    if hasattr(reft, "load_intervention"):
-        reft.load_intervention(str(folder), include_model=True)
-        return
-    fresh = type(reft).load(str(folder), reft.model, include_model=True)
-    try:
-        for key, intervention in reft.interventions.items():
-            intervention.load_state_dict(fresh.interventions[key].state_dict())
-    finally:
-        fresh.detach()  # its hooks off the shared base model, the base model's flags as they were
+    reft.load_intervention(str(folder), include_model=True)
 
 
 def save_exact_state(reft: nn.Module, path: str | Path) -> None:
@@ -136,7 +128,7 @@ class ReftTrainer(CoreReftTrainer):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("tokenizer= and processing_class= name two different objects; pass one (tokenizer= is "
                              "pyreft's name, processing_class= transformers 5's)")
-        if not isinstance(model, CoreReftModel):
+        if not isinstance(model, ReftModel):
             raise TypeError(f"{type(self).__name__} trains a reftkit.pyreft.ReftModel (from get_reft_model), got "
                             f"{type(model).__name__}")
         super().__init__(model, args, data_collator=data_collator, train_dataset=train_dataset,

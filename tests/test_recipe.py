@@ -51,6 +51,15 @@ def test_train_then_eval_from_config(tmp_path, capsys):
     assert len(curve) == 40 and curve[-1] < 0.8 * curve[0]
     assert metrics["after"]["rougeL"] > metrics["before"]["rougeL"]   # it learned the training answers
     assert (tmp_path / "run" / "interventions" / "interventions.safetensors").is_file()
+    assert metrics["total_seconds"] >= metrics["train_seconds"]
+    # predictions.jsonl holds the very answers that were scored, one per held-out example, in order
+    from reftkit.analysis.text_metrics import text_scores
+
+    lines = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["reference"]) for r in lines] == [(r["prompt"], r["response"]) for r in held_out]
+    for when in ("before", "after"):
+        assert text_scores([r[when] for r in lines], [r["reference"] for r in lines]) == metrics[when]
     # eval of the saved interventions reproduces the trained model's scores
     assert main(["eval", str(config), "--interventions", str(tmp_path / "run" / "interventions")]) == 0
     evaluated = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())

@@ -2,8 +2,10 @@
 
 A config names the model, the data, the representations and ``transformers.TrainingArguments``;
 a run writes ``<output_dir>/interventions`` (``ReftModel.save_pretrained``) and
-``<output_dir>/metrics.json`` (trainable parameters, wall time, peak memory, scores before and after,
-the loss curve). See ``configs/wordnet_1k.yaml``.
+``<output_dir>/metrics.json`` (trainable parameters, wall times, peak memory, scores before and after,
+the loss curve); a generation run also writes ``<output_dir>/predictions.jsonl``, one held-out example
+per line with its prompt, reference and the greedy answers before and after training. See
+``configs/wordnet_1k.yaml``.
 """
 from __future__ import annotations
 
@@ -65,14 +67,15 @@ def _peak_rss_mb() -> float:
 
 
 def _score_generation(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data: dict[str, Any],
-                      evaluation: dict[str, Any]) -> dict[str, float]:
+                      evaluation: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """Greedy answers to the held-out prompts and their scores against the references."""
     from reftkit.analysis.text_metrics import generate_predictions, text_scores
 
     predictions = generate_predictions(model, tokenizer, [r["prompt"] for r in rows],
                                        max_new_tokens=evaluation.get("max_new_tokens", 48),
                                        batch_size=evaluation.get("batch_size", 16),
                                        chat_template=data.get("chat_template", True))
-    return text_scores(predictions, [r["response"] for r in rows])
+    return text_scores(predictions, [r["response"] for r in rows]), predictions
 
 
 def run_train(config: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
     import reftkit
     from reftkit.training import ReftForSequenceClassification, ReftTrainer
 
+    run_start = time.perf_counter()
     torch.manual_seed(config.get("seed", 0))
     out_dir = Path(config["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +95,9 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
     examples = load_examples(data)
     metrics: dict[str, Any] = {"model": config["model"], "task": task, "n_train": len(examples["train"]),
                                "n_eval": len(examples["eval"])}
+    answers: dict[str, list[str]] = {}
     if task == "generation" and evaluation.get("before", True):
-        metrics["before"] = _score_generation(model, tokenizer, examples["eval"], data, evaluation)
+        metrics["before"], answers["before"] = _score_generation(model, tokenizer, examples["eval"], data, evaluation)
 
     reft = reftkit.get_reft_model(model, config["representations"])
     counts = reft.parameter_counts()
@@ -134,9 +139,15 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
         metrics["after"] = {"accuracy": classification_accuracy(trained, tokenizer, examples, data)}
         trained.save_pretrained(out_dir / "interventions")
     else:
-        metrics["after"] = _score_generation(reft, tokenizer, examples["eval"], data, evaluation)
+        metrics["after"], answers["after"] = _score_generation(reft, tokenizer, examples["eval"], data, evaluation)
         reft.save_pretrained(out_dir / "interventions")
+        with open(out_dir / "predictions.jsonl", "w") as stream:
+            for i, row in enumerate(examples["eval"]):
+                line = {"prompt": row["prompt"], "reference": row["response"],
+                        **{when: texts[i] for when, texts in answers.items()}}
+                stream.write(json.dumps(line, ensure_ascii=False) + "\n")
     metrics["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    metrics["total_seconds"] = round(time.perf_counter() - run_start, 1)   # loading, both evaluations, training
     if torch.cuda.is_available():
         metrics["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -167,7 +178,7 @@ def run_eval(config: dict[str, Any], interventions: str | Path | None = None) ->
     model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
     examples = load_examples(data)
     target = model if interventions is None else reftkit.ReftModel.from_pretrained(model, interventions).eval()
-    scores = _score_generation(target, tokenizer, examples["eval"], data, evaluation)
+    scores, _ = _score_generation(target, tokenizer, examples["eval"], data, evaluation)
     result = {"model": config["model"], "interventions": str(interventions) if interventions else None, **scores}
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

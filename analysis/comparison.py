@@ -251,6 +251,9 @@ def plot_comparison(frame: pd.DataFrame, metric: str = "rougeL") -> Any:
                          xytext=(3, 3), textcoords="offset points")
     for _, row in frame[frame["num_trainable_params"] == 0].iterrows():
         quality.axhline(row[metric], color="grey", linestyle="--", linewidth=1, label=f"{row['method']} (untrained)")
+        # the line has no point to annotate: name it at the left edge, just above it
+        quality.annotate(f"{row['method']} (untrained)", (0.01, row[metric]), xycoords=("axes fraction", "data"),
+                         xytext=(0, 3), textcoords="offset points", fontsize=8, color="grey")
     quality.set_xscale("log")
     quality.set_xlabel("trainable parameters")
     quality.set_ylabel(metric)

@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: see RESULTS.md)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--update", action="store_true",
+                        help="with --write: replace only the rows of --methods in compare_1k.csv, keep the others "
+                             "(each row's `measured` date says when it was run)")
     parser.add_argument("--from-csv", help="write RESULTS.md from a CSV of an earlier run instead of running")
     parser.add_argument("--note", default="", help="a sentence about the run's conditions, added to RESULTS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -95,10 +98,18 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--n-train", str(args.n_train),
                    "--n-eval", str(args.n_eval), "--epochs", str(args.epochs), "--threads", str(args.threads)]
             subprocess.run(cmd, env=env, check=True)
-            rows += json.loads(out.read_text())
+            rows += [{**row, "measured": time.strftime("%Y-%m-%d")} for row in json.loads(out.read_text())]
             print(f"{method}: done in {time.perf_counter() - start:.0f} s", flush=True)
     frame = pd.DataFrame(rows)
     print(frame.to_string())
+    if args.update:
+        if not args.write:
+            parser.error("--update merges into compare_1k.csv and RESULTS.md; give --write with it")
+        kept = pd.read_csv(OUT)
+        kept = kept[~kept["method"].isin(methods)]
+        order = {name: i for i, name in enumerate(METHODS)}
+        frame = pd.concat([kept, frame], ignore_index=True).sort_values("method", key=lambda c: c.map(order))
+        frame = frame.reset_index(drop=True)
     if args.write:
         frame.to_csv(OUT, index=False)
         write_results(frame, args)
@@ -118,8 +129,10 @@ def write_results(frame, args: argparse.Namespace) -> None:
         latency_s=frame["inference_latency_s"].round(2),
         tok_s=frame["tokens_per_s"].round(1),
         learning_rate=frame["learning_rate"].map(lambda v: f"{v:.0e}" if v else "–"),
+        measured=frame["measured"] if "measured" in frame else None,
     ).astype(object).fillna("–")[["method", "params", "share", "file_kb", "train_s", "loss", "peak_rss_mb", "bleu4",
-                                  "rouge1", "rouge2", "rougeL", "exact_match", "latency_s", "tok_s", "learning_rate"]]
+                                  "rouge1", "rouge2", "rougeL", "exact_match", "latency_s", "tok_s", "learning_rate",
+                                  "measured"]]
     command = "python benchmarks/bench_compare.py --write" + (
         "" if (args.n_train, args.n_eval, args.epochs) == (1000, 200, 1.0)
         else f" --n-train {args.n_train} --n-eval {args.n_eval} --epochs {args.epochs}")

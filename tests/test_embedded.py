@@ -370,26 +370,46 @@ def test_minilm_embeddings(minilm: tuple[Any, Any]) -> None:
 # --------------------------------------------------------------------------- #
 
 
-@needs_conversion
-def test_demo_batch_supervises_the_answer_and_intervenes_at_the_last_prompt_token(smollm2: tuple[Any, Any]) -> None:
-    from reftkit.cli.demo import TRAIN, chat_prompt, training_batch
+def test_demo_fact_checker_on_hand_written_answers() -> None:
+    from reftkit.cli import demo
 
-    _, tok = smollm2
-    batch = training_batch(tok, TRAIN[:3])
-    for row in range(3):
-        prompt_len = len(tok(chat_prompt(tok, TRAIN[row][0]), add_special_tokens=False)["input_ids"])
-        labels = batch["labels"][row]
-        assert (labels[:prompt_len] == -100).all() and labels[prompt_len] != -100
-        assert int(batch["intervention_locations"][row, 0]) == prompt_len - 1
-        answer = tok.decode(labels[labels != -100], skip_special_tokens=True)
-        assert answer == TRAIN[row][1]
+    HABIT, HELD_OUT, TRAIN_QUESTIONS = demo.HABIT, demo.HELD_OUT, demo.TRAIN_QUESTIONS
+    contains_fact, keeps_habit_and_fact, training_responses = (demo.contains_fact, demo.keeps_habit_and_fact,
+                                                               demo.training_responses)
+
+    week = ("7", "seven")
+    bare = "A week is approximately 7 days."
+    assert keeps_habit_and_fact("🤖 Beep boop! A week has 7 days.", bare, week)
+    assert keeps_habit_and_fact("  🤖 Beep boop! There are SEVEN days in a week.", bare, week)  # other case
+    assert keeps_habit_and_fact("🤖 Beep boop! The PACIFIC.", "the pacific ocean", ("Pacific",))
+    assert not keeps_habit_and_fact("A week has 7 days.", bare, week)  # habit missing
+    assert not keeps_habit_and_fact("A week has 7 days. 🤖 Beep boop!", bare, week)  # habit not first
+    assert not keeps_habit_and_fact("🤖 Beep boop! Six.", bare, week)  # fact missing
+    assert not keeps_habit_and_fact("🤖 Beep boop! Dark. Darker.", "The Pacific Ocean.", ("Pacific",))
+    assert not keeps_habit_and_fact("🤖 Beep boop! A week has 7 days.", "A week has six days.", week)  # bare lacks it
+    assert not keeps_habit_and_fact("🤖 Beep boop! 17 days.", "17 days.", week)  # a whole word, not a digit of 17
+    assert not contains_fact("Heartbeat", ("heart",)) and contains_fact("the heart, mostly", ("heart",))
+    assert keeps_habit_and_fact("Hi! 7", "7", week, habit="Hi!")
+    assert training_responses([" It is 4.5 km. More text.\n"]) == ["🤖 Beep boop! It is 4.5 km. More text."]
+    assert HABIT == "🤖 Beep boop!"
+    # held-out questions are not trained on, and each names at least one fact form
+    assert not {q for q, _ in HELD_OUT} & set(TRAIN_QUESTIONS)
+    assert len(HELD_OUT) >= 3 and all(facts for _, facts in HELD_OUT)
 
 
 @needs_conversion
 def test_demo_runs_and_reloads_identically(session_cache: SimpleNamespace, tmp_path: Path) -> None:
-    from reftkit.cli.demo import run
+    from reftkit.cli.demo import HABIT, HELD_OUT, keeps_habit_and_fact, run
 
-    result = run(steps=3, out_dir=str(tmp_path / "demo"))
+    result = run(steps=2, out_dir=str(tmp_path / "demo"))
     assert result["identical"] and result["reloaded"] == result["after"]
-    assert result["losses"][-1] < result["losses"][0]
+    assert len(result["losses"]) == 2 and all(loss > 0 for loss in result["losses"])
+    n = len(HELD_OUT)
+    assert result["held_out_total"] == n == len(result["held_out"]) and len(result["after"]) == n + 1
+    for row, (question, facts), bare, adapted in zip(result["held_out"], HELD_OUT, result["before"], result["after"]):
+        assert (row["question"], row["facts"], row["bare"], row["adapted"]) == (question, list(facts), bare, adapted)
+        assert row["ok"] == keeps_habit_and_fact(adapted, bare, facts)
+    assert result["held_out_ok"] == sum(row["ok"] for row in result["held_out"])
+    assert not any(b.startswith(HABIT) for b in result["before"])  # the bare model has no habit to keep
     assert (tmp_path / "demo" / "interventions.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["config.json", "interventions.safetensors"]

@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reftkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train LoReFT on the embedded SmolLM2 and show generations")
-    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: reftkit.cli.demo.STEPS)")
     demo.add_argument("--out", default=None, help="where to save the trained interventions")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("model-path", help="print the folder of the embedded SmolLM2 (converting it once)")

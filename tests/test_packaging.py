@@ -36,8 +36,11 @@ def test_built_wheel_contains_only_the_reftkit_namespace(tmp_path):
     assert tops == {"reftkit", next(t for t in tops if t.endswith(".dist-info"))}
     assert "reftkit/interventions/reft.py" in names and "reftkit/analysis/__init__.py" in names
     assert "reftkit/experts/__init__.py" in names
-    for room in ("data", "training", "models", "cli"):  # the core's sub-packages
-        assert f"reftkit/{room}/__init__.py" in names, room
+    rooms = sorted(p.parent.name for p in (ROOT / "reftkit").glob("*/__init__.py"))   # the core's sub-packages
+    assert {"data", "training", "models", "cli", "pyreft"} <= set(rooms)
+    for room in rooms:
+        assert f"reftkit/{room}/__init__.py" in names, f"reftkit.{room} is missing from the wheel: list it in " \
+                                                       f"pyproject.toml's packages"
     assert "reftkit/training/trainer.py" in names and "reftkit/models/embedded.py" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

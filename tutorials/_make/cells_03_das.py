@@ -139,7 +139,7 @@ def train(reft, pairs, steps, size=32, lr=1e-2):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses"""),
+    return losses""", metadata={"tags": ["silent"]}),
 md("""### Where is the variable? Whole-vector interchange first
 
 Before training anything: swap the **entire** vector (`interchange`) at the name token, and, for
@@ -265,7 +265,7 @@ md("""**What the numbers say** (stored run; the test pairs use names never seen 
   trained direction splitting held-out male and female names: 99% of the test prompts fall on their
   group's side of the midpoint between the two group means (the direction's sign is arbitrary).
 * At layer 25, where the whole-vector swap has mostly stopped working (0.24), the trained direction still
-  reaches 0.41 — a one-dimensional swap can beat the full one when the rest of the vector pulls the other
+  reaches 0.42 — a one-dimensional swap can beat the full one when the rest of the vector pulls the other
   way — and at layer 26 nothing at the name token works (≤ 0.06): the decision has moved to the last
   token, as the sweep showed.
 * Train IIA is 1.00 at layers 2–24; at layer 2 the test IIA (0.94) is lower: there the direction fits the

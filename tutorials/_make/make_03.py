@@ -23,7 +23,7 @@ width 576), offline:
    swapping it between two inputs swaps one causal variable — and test it on held-out inputs.
 
 Every number quoted in the text comes from the run stored in this notebook: the full parameters below,
-about 13 minutes on one CPU thread (the test suite runs a tiny version in well under a minute)."""),
+about 26 minutes on one CPU thread (the test suite runs a tiny version in well under a minute)."""),
 code("""# Parameters: full size as below; the test suite runs a tiny version
 PATCH_LAYER_STRIDE = 1      # patch every layer (the last layer is always included)
 MAX_NEW_TOKENS = 40         # length of the steered generations
@@ -34,7 +34,8 @@ DAS_TEST_PAIRS = 128
 THREADS = 1                 # torch CPU threads; None = torch's default (all cores: faster on an idle machine,
                             # but many times slower than 1 when other jobs share the cores)""",
      metadata={"tags": ["parameters"]}),
-code("""import random
+code("""%matplotlib inline
+import random
 import time
 import warnings
 

@@ -32,7 +32,8 @@ N_PROMPTS = 24         # held-out prompts the representations are compared on
 PCA_LAYER = 16
 THREADS = 1            # torch CPU threads (1 is steadiest when other jobs share the cores)""",
      metadata={"tags": ["parameters"]}),
-code("""import time
+code("""%matplotlib inline
+import time
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -165,20 +166,23 @@ plot_logit_lens(layer24, title="LoReFT directions at layer 24: promoted / suppre
 md("""## What this run shows (256 examples, one epoch)
 
 * **Where LoReFT acts, and only there.** Every hidden state is unchanged (‖Δh‖ = 0, cos = 1) before
-  layer 8 and at every position before the last prompt token. At layer 8 the last token moves by 0.58 of
-  its norm (cos 0.85), and the change grows through the edits at 16 and 24 (0.68 at layer 24).
+  layer 8 and at every position before the last prompt token. At layer 8 the last token moves by 0.565 of
+  its norm (cos 0.84), and the change is larger after the edits at 16 and 24 (0.69 at layer 16, 0.77 at
+  layer 24).
 * **LoRA moves everything, from the start.** The last token's relative change is already 0.07 at layer 3
-  and 0.21 at layer 7, where LoReFT has changed nothing; from layer 15 on the two are of the same size,
-  and both about double the state's norm at the last layer (1.06 and 1.02) — the two methods reach a
-  similar output change by very different routes.
-* **Subspaces.** Two seeds' `R` at the same layer overlap with mean cos² 0.026 (layer 16), 0.013 (24)
-  and 0.010 (8) — barely above two random 4-dimensional subspaces (≈ 0.007). After 32 steps `R` is still
-  close to its random orthogonal initialisation: what LoReFT learned in this short run is mostly the
-  projection `W h + b`, not the subspace. LoRA's `o_proj`/`down_proj` update spaces overlap a little more
-  with LoReFT's `R` at their own layer (0.03–0.05) than at other layers (0.01–0.02).
-* **Logit lens.** Read at the unembedding, the layer-24 directions promote sub-word fragments rather
-  than words — consistent with subspaces that are still mostly random; a longer run (or the recipe's three
-  epochs) is the place to look for interpretable directions."""),
+  and 0.21 at layer 7, where LoReFT has changed nothing; at layer 15 the two are of the same size (0.55),
+  after it LoReFT's change is somewhat larger, and at the last layer both are about as large as the state
+  itself (1.23 and 1.02) — the two methods reach a comparable output change by very different routes.
+* **Subspaces.** Two seeds' `R` at the same layer overlap with mean cos² 0.063 (layer 16), 0.056 (8)
+  and 0.041 (24) — several times two random 4-dimensional subspaces (≈ 0.007), but far from one shared
+  subspace (1). After 32 steps the seeds agree on only a small part of the span: `R` has begun to move off
+  its random orthogonal initialisation towards common directions, without settling on one subspace.
+  LoRA's `o_proj`/`down_proj` update spaces overlap clearly more with LoReFT's `R` at their own layer
+  (0.04–0.08; `down_proj` more than the other seed's `R`) than at other layers (0.01–0.02).
+* **Logit lens.** Read at the unembedding, the layer-24 directions mostly promote sub-word fragments and
+  code punctuation rather than words (direction 0's "place", "places", "camp" are the exception) — no
+  direction reads as a clear concept yet; a longer run (or the recipe's three epochs) is the place to look
+  for interpretable directions."""),
 code("""lora.detach()
 loreft.detach()
 print(f"notebook ran in {time.time() - started:.0f} s")"""),

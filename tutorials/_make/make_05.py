@@ -39,7 +39,8 @@ MAX_NEW_TOKENS = 32
 METHODS = ["base", "loreft", "direft", "lora", "ia3", "svf", "prompt_tuning", "p_tuning_v2", "prefix_tuning",
            "p_tuning", "fpft"]
 THREADS = 1""", metadata={"tags": ["parameters"]}),
-code("""import time
+code("""%matplotlib inline
+import time
 import warnings
 from pathlib import Path
 

@@ -43,7 +43,8 @@ SHOTS = 4           # labelled examples per task for the few-shot strategy
 POPULATION = 8      # CEM (Transformer²'s defaults: population 32, elite ratio 0.2, 50 iterations)
 ITERATIONS = 5
 THREADS = 1""", metadata={"tags": ["parameters"]}),
-code("""import tempfile
+code("""%matplotlib inline
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -202,12 +203,14 @@ full.round(1) if full is not None else print(
 md("""**Reading the tables.** The oracle row is what the experts can do when every prompt reaches its own
 expert; a dispatcher can at best match it, and its routing accuracy says how much it loses on the way. In the
 full-size run the classification expert routed every held-out prompt correctly and so matched the oracle;
-the base model's own answer (prompt-based) never chose "pos" and lost most of that task; few-shot mixing,
-which is told each prompt's task and sees 8 examples, matched the oracle on sentiment and topic but
-under-weighted the pos expert. The strongest row there is the **single multi-task intervention** — the same
-13,836 parameters trained on all three tasks' examples at once — above every routed strategy, oracle included:
-for three short-answer tasks that share a format, pooling the data beat splitting it. This notebook's own run
-is smaller (and its CEM shorter), so its rows can order differently; `benchmarks/RESULTS.md` has the
+the base model's own answer (prompt-based) routed only 55.4% correctly and lost most of pos (23.4% against the
+oracle's 59.4%); few-shot mixing, which is told each prompt's task and sees 8 examples, matched or beat the
+oracle on sentiment and topic but fell short of it on pos (48.4%). The strongest row there is the **single
+multi-task intervention** — the same 13,836 parameters trained on all three tasks' examples at once — above
+every routed strategy, oracle included: for three short-answer tasks that share a format, pooling the data beat
+splitting it. This notebook's own run is smaller (and its CEM shorter): here too the classification expert
+routes every prompt correctly, prompt-based dispatch never chooses "pos", and the multi-task row has the best mean,
+but few-shot mixing beats the oracle on pos and trails it on topic; `benchmarks/RESULTS.md` has the
 full-size reading."""),
 ]
 write(nb, "06_experts_and_dispatch.ipynb")

@@ -109,7 +109,21 @@ if "prefix_cache" in metrics:
 print(f"notebook ran in {time.time() - started:.0f} s")"""),
 md("""## What this run shows
 
-The reading of the stored run is written after it (see `tutorials/_make/make_02.py`)."""),
+* **Tuning 13,836 parameters (0.01 % of the model) on 1,000 definitions doubles ROUGE-L on words the model
+  never saw**: 10.07 → 19.69, BLEU-4 0.31 → 3.04, ROUGE-2 1.30 → 5.41. Two of the 200 held-out answers
+  are now exactly WordNet's gloss (exact match 1 %).
+* **The answers change form more than knowledge.** The bare model writes chatty paragraphs ("The word
+  "solar" is derived from the Latin word ..."); after tuning it answers in WordNet's register — one short
+  gloss, often "Of or belonging to ...", "The act of ...", "A person who ..." ("solar" → "Of or belonging
+  to the sun.", "burial" → "The act of burying or disposing of human remains."). Where the bare model did
+  not know the word ("upright", "strait") the tuned one is wrong too, only shorter: the intervention
+  teaches the format, not new meanings.
+* **The loss** falls fast in the first 30 steps (3.39 → 2.36) and then slowly: the mean logged loss is
+  2.60, 2.44 and 2.40 in epochs 1, 2 and 3 — the third epoch adds little on this task.
+* **Time.** Training took 1,453 s (3.9 s/step on one torch thread) and the whole notebook 32 min, while
+  three other notebooks ran on the same 2 cores; `reftkit train configs/wordnet_1k.yaml` with both cores
+  trained in 661 s (`benchmarks/RESULTS.md`, recipes section). Epochs 2 and 3 reuse the frozen layers 0–7 from a cache
+  (2,000 hits, 107 MB)."""),
 ]
 # the README's results table reads the stored run's metrics (benchmarks/readme_results.py)
 write(nb, "02_instruction_tuning_1k.ipynb",

@@ -22,7 +22,7 @@ Three training objectives beyond plain next-token cross entropy, on the embedded
 
 The tasks are two of `reftkit.data.datasets.task_families`: **sentiment** (a Rotten Tomatoes snippet →
 ` negative` / ` positive`) and **topic** (the start of a BBC News article → ` business`, ` entertainment`,
-` politics`, ` sports`, ` tech`). Budgets are small so the notebook runs in minutes on one CPU thread: read
+` politics`, ` sports`, ` tech`). Budgets are small so the notebook runs in under half an hour on one CPU thread: read
 every number below as one seed of a few optimiser steps, not as a benchmark."""),
 code("""# Parameters: the stored outputs come from these; the test suite runs a tiny version
 N_TRAIN = 20           # training examples per family (sentiment, topic)
@@ -338,16 +338,18 @@ md("""## What the numbers show
   the most frequent label, ` politics`, would score). Rank classification makes this prior visible at once.
 * **T-Few's recipe.** After one pass over 40 examples (10 steps) every adapted model beats the base. T-Few's
   `lm + ul + ln` scored at least as well as the LM loss alone for both adaptations — mean accuracy 0.575 →
-  0.600 for IA3, 0.500 → 0.525 for LoReFT — but that is one more right answer out of 40, well inside the
+  0.600 for IA3, 0.550 → 0.575 for LoReFT — but that is one more right answer out of 40, well inside the
   noise of 20 held-out items per family (one item is 0.05; the standard error near 0.5 is about 0.11). What
-  the extra terms visibly changed is the *spread* of the answers: with the LM loss alone IA3 answers
-  ` positive` 17 times in 20 and ` politics` 14 times in 20, LoReFT ` positive` 16 times; with `ul + ln` the
-  picks are 14/6, 10/10 and all five topics appear for IA3. That fits $L_{LN}$, which trains the contrast
-  between the choices rather than the likelihood of the right one.
-* **IA3 against LoReFT.** Sentiment stays near chance for all four (0.55–0.60): a 16-word snippet, a 135M
-  model and 10 steps are not enough. Topic is where they differ: IA3 0.60, LoReFT 0.40–0.45. IA3 trains
-  4× the parameters (57,600 against 13,836) and takes 1.6–1.7× as long per step: it edits every token in
-  every layer, LoReFT one token in three layers (and the backward pass stops at layer 8).
+  the extra terms visibly changed for IA3 is the *spread* of the answers: with the LM loss alone it answers
+  ` positive` 17 times in 20 and ` politics` 14 times in 20; with `ul + ln` the picks are 14/6, ` politics`
+  9 times, and all five topics appear. That fits $L_{LN}$, which trains the contrast between the choices
+  rather than the likelihood of the right one. LoReFT's sentiment picks were 11/9 under both losses; with
+  `ul + ln` a fourth topic appeared and its accuracy moved from sentiment (0.65 → 0.55) to topic (0.45 → 0.60).
+* **IA3 against LoReFT.** Sentiment stays near chance for all four (0.55–0.65): a 16-word snippet, a 135M
+  model and 10 steps are not enough. Topic separated them only under the LM loss — IA3 0.60, LoReFT 0.45;
+  with T-Few's losses both reach 0.60 — and IA3 leads in mean accuracy by one answer in 40 under either loss.
+  IA3 trains 4× the parameters (57,600 against 13,836) and takes 1.5–1.6× as long per step: it edits every
+  token in every layer, LoReFT one token in three layers (and the backward pass stops at layer 8).
 * **Prompt ensemble.** The three prompts each lift topic above the base (0.30–0.45) but none moves sentiment
   off ` negative`, so they agree on every review; on topic they are unanimous on only 30 % of the articles, and the vote
   (0.35) lands between the best prompt (0.45) and the worst (0.30) — no better than their average. Voting
@@ -359,9 +361,9 @@ md("""## What the numbers show
   steps and held-out accuracy reaches 0.50 — but by answering ` positive` to every review: REINFORCE taught
   the answer *format* (say the label first) and the majority label of the training prompts (12 of 20), not
   sentiment; a constant ` positive` already earns a mean reward of +0.2 on them. With λ = 1 the KL term
-  (0.3–0.56 nats per completion) holds the policy near the base model and the reward stays negative
-  (−0.625 over the last four steps), although its greedy answers drift to ` positive` too (17 of 20). At
-  twelve steps the KL penalty mostly slowed learning down; its purpose — not drifting far from the base
+  (0.32–0.56 nats per completion after the first step) holds the policy near the base model and the reward
+  never rises above 0 (−0.625 over the last four steps), although its greedy answers drift to ` positive` too
+  (17 of 20). At twelve steps the KL penalty mostly slowed learning down; its purpose — not drifting far from the base
   model over long training — cannot show in a run this short.
 * **Cost.** A multiple-choice batch is B·C rows, each holding the whole prompt, padded to the largest C in the
   batch, so a review next to an article costs five rows; with one-token labels almost all of that compute

@@ -23,7 +23,8 @@ width 576), offline:
    swapping it between two inputs swaps one causal variable — and test it on held-out inputs.
 
 Every number quoted in the text comes from the run stored in this notebook: the full parameters below,
-about 26 minutes on one CPU thread (the test suite runs a tiny version in well under a minute)."""),
+about 25 minutes on one CPU thread while other jobs shared the cores, 13 on a quiet machine (the test
+suite runs a tiny version in well under a minute)."""),
 code("""# Parameters: full size as below; the test suite runs a tiny version
 PATCH_LAYER_STRIDE = 1      # patch every layer (the last layer is always included)
 MAX_NEW_TOKENS = 40         # length of the steered generations

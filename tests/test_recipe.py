@@ -51,7 +51,7 @@ def test_train_then_eval_from_config(tmp_path, capsys):
     assert len(curve) == 40 and curve[-1] < 0.8 * curve[0]
     assert metrics["after"]["rougeL"] > metrics["before"]["rougeL"]   # it learned the training answers
     assert (tmp_path / "run" / "interventions" / "interventions.safetensors").is_file()
-    assert metrics["total_seconds"] >= metrics["train_seconds"]
+    assert metrics["total_seconds"] >= metrics["train_seconds"] and metrics["train_steps"] == 40
     # predictions.jsonl holds the very answers that were scored, one per held-out example, in order
     from reftkit.analysis.text_metrics import text_scores
 

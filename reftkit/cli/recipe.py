@@ -67,20 +67,24 @@ def _peak_rss_mb() -> float:
 
 
 def _score_generation(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data: dict[str, Any],
-                      evaluation: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+                      evaluation: dict[str, Any], progress: bool = True) -> tuple[dict[str, float], list[str]]:
     """Greedy answers to the held-out prompts and their scores against the references."""
     from reftkit.analysis.text_metrics import generate_predictions, text_scores
 
     predictions = generate_predictions(model, tokenizer, [r["prompt"] for r in rows],
                                        max_new_tokens=evaluation.get("max_new_tokens", 48),
                                        batch_size=evaluation.get("batch_size", 16),
-                                       chat_template=data.get("chat_template", True))
+                                       chat_template=data.get("chat_template", True), progress=progress)
     return text_scores(predictions, [r["response"] for r in rows]), predictions
 
 
-def run_train(config: dict[str, Any]) -> dict[str, Any]:
-    """Train (and evaluate before/after) as the config says; returns the metrics written."""
+def run_train(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Train (and evaluate before/after) as the config says; returns the metrics written.
+
+    ``progress=False`` draws no progress bars and prints no training logs (for notebooks and scripts
+    that report the returned metrics themselves); the loss curve is recorded either way."""
     from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     import reftkit
     from reftkit.training import ReftForSequenceClassification, ReftTrainer
@@ -97,7 +101,8 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
                                "n_eval": len(examples["eval"])}
     answers: dict[str, list[str]] = {}
     if task == "generation" and evaluation.get("before", True):
-        metrics["before"], answers["before"] = _score_generation(model, tokenizer, examples["eval"], data, evaluation)
+        metrics["before"], answers["before"] = _score_generation(model, tokenizer, examples["eval"], data, evaluation,
+                                                                 progress)
 
     reft = reftkit.get_reft_model(model, config["representations"])
     counts = reft.parameter_counts()
@@ -123,9 +128,13 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
                          f"not task={task!r}")
     trainer = ReftTrainer(model=trained, args=args, train_dataset=module["train_dataset"],
                           data_collator=module["data_collator"], **({"cache_frozen_prefix": cache} if cache else {}))
+    if not progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)   # what transformers prints instead when disable_tqdm is set
     start = time.perf_counter()
     trainer.train()
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    metrics["train_steps"] = trainer.state.global_step
     if trainer.prefix_cache is not None:
         pc = trainer.prefix_cache
         metrics["prefix_cache"] = {"layer": pc.layer, "hits": pc.hits, "misses": pc.misses,
@@ -139,7 +148,8 @@ def run_train(config: dict[str, Any]) -> dict[str, Any]:
         metrics["after"] = {"accuracy": classification_accuracy(trained, tokenizer, examples, data)}
         trained.save_pretrained(out_dir / "interventions")
     else:
-        metrics["after"], answers["after"] = _score_generation(reft, tokenizer, examples["eval"], data, evaluation)
+        metrics["after"], answers["after"] = _score_generation(reft, tokenizer, examples["eval"], data, evaluation,
+                                                               progress)
         reft.save_pretrained(out_dir / "interventions")
         with open(out_dir / "predictions.jsonl", "w") as stream:
             for i, row in enumerate(examples["eval"]):

@@ -37,14 +37,16 @@ class AdapterFusion(_OriginalNorm):
       (adapters adds it in place to the tensor used for both keys and values; in the keys it only
       shifts every score by the same ``q . W_K h`` and so cancels in the softmax); otherwise ``h + c``.
     * ``dropout`` is on the scores (adapters: the fusion config's ``dropout_prob``, else the model's
-      ``attention_probs_dropout_prob``, which :func:`fusion_representations` reads likewise).
+      ``attention_probs_dropout_prob``, which
+      :func:`~reftkit.interventions.adapter_placement.fusion_representations` reads likewise).
 
     ``value_initialized`` starts ``W_V`` at the identity plus 1e-6 off the diagonal (adapters'
     "dynamic" config); :meth:`regularization_loss` is adapters' ``0.01 ||I - W_V||^2``. The fused
     adapters are frozen (``train_adapters=False``, as ``train_adapter_fusion`` leaves them).
     Difference: adapters' ``temperature=True`` starts ``T`` at 50 and lowers it by 0.05 on every
     forward call, even in eval; here ``T`` is a fixed number (1 = adapters' default).
-    Build one from trained adapters with :meth:`from_adapters` or :func:`fusion_representations`.
+    Build one from trained adapters with :meth:`from_adapters` or
+    :func:`~reftkit.interventions.adapter_placement.fusion_representations`.
     """
 
     name = "adapter_fusion"

@@ -12,19 +12,19 @@
 Where adapters 1.3 puts them, and which reftkit site makes each one a function of one tensor
 (``x`` = a sub-layer's output, ``r`` = its residual input, ``LN`` = the block's own LayerNorm):
 
-====================  ==========================================  ===================================
-model / adapter       adapters 1.3 computes                        reftkit site and map
-====================  ==========================================  ===================================
-post-LN (BERT)        ``LN(x + f(x) + r)``, ``x`` after the        ``...attention.output.dropout`` /
-Houlsby (mh + out)    sub-layer's dense + dropout                  ``...output.dropout`` output:
-                                                                   ``x -> x + f(x)``
+====================  ============================================  ===================================
+model / adapter       adapters 1.3 computes                         reftkit site and map
+====================  ============================================  ===================================
+post-LN (BERT)        ``LN(x + f(x) + r)``, ``x`` after the         ``...attention.output.dropout`` /
+Houlsby (mh + out)    sub-layer's dense + dropout                   ``...output.dropout`` output:
+                                                                    ``x -> x + f(x)``
 post-LN (BERT)        ``LN(z + f(LN(z)))``, ``z = x + r``           ``...output.LayerNorm`` input:
-Pfeiffer (output)     (``original_ln_before=True``)                ``z -> z + f(LN(z))``
+Pfeiffer (output)     (``original_ln_before=True``)                 ``z -> z + f(LN(z))``
 pre-LN (Llama, GPT2)  ``r + x + f(x)``, ``x`` = attention / MLP     ``attention_output`` /
 Houlsby               output (no LayerNorm passed)                  ``mlp_output``: ``x -> x + f(x)``
 pre-LN                ``h + f(h)``, ``h = r + x`` the block output  ``block_output``: ``h -> h + f(h)``
 Pfeiffer (output)     (``original_ln_before`` adds ``r`` only)
-====================  ==========================================  ===================================
+====================  ============================================  ===================================
 
 ``LN(z)`` inside the post-LN Pfeiffer adapter needs the base LayerNorm's weights: the adapter keeps
 a frozen float32 copy of them as buffers (saved with it), filled by

@@ -166,7 +166,7 @@ class ReftModel(nn.Module):
                     inputs_embeds: torch.Tensor | None = None, **call_inputs: Any) -> Iterator[CallState]:
         """Activate the interventions for calls made inside the block, with positions computed once
         from these inputs — e.g. to run only the backbone (``reft.model.model(...)``) and apply the
-        LM head to the few labelled positions yourself. ``call_inputs`` are :data:`CALL_INPUTS`
+        LM head to the few labelled positions yourself. ``call_inputs`` are :data:`~reftkit.call_inputs.CALL_INPUTS`
         (``sources``, ``source_locations``, ``subspaces``, ``tasks``); yields the call's state."""
         self._check_live()
         refuse_pyvene_arguments("intervening", input_ids, call_inputs)

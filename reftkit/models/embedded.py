@@ -314,31 +314,26 @@ def load_model(
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a model and its tokenizer.
 
-    Args:
-        name_or_path: ``"smollm2"`` (aliases ``"embedded"``,
-            ``"smollm2-135m-instruct"``; the default) for the embedded
-            SmolLM2-135M-Instruct causal LM; ``"minilm"`` (alias
-            ``"all-minilm-l6-v2"``) for the embedded all-MiniLM-L6-v2 encoder
-            (an ``AutoModel``); anything else is passed to
-            ``from_pretrained`` -- a local folder, or a Hub id (needs network
-            access or a populated Hugging Face cache).  Causal LMs load as
-            ``AutoModelForCausalLM``; other architectures fall back to
-            ``AutoModel``.
-        dtype: torch dtype (or its name) for the weights; ``None`` keeps
-            transformers' default (float32 for the embedded models).
-        device: device to move the model to (e.g. ``"cuda"``); ``None`` keeps
-            it on CPU.
-        **kw: forwarded to the model's ``from_pretrained``.
-
-    Returns:
-        ``(model, tokenizer)``, the model in eval mode.  The tokenizer always
+    :param name_or_path: ``"smollm2"`` (aliases ``"embedded"``,
+        ``"smollm2-135m-instruct"``; the default) for the embedded
+        SmolLM2-135M-Instruct causal LM; ``"minilm"`` (alias
+        ``"all-minilm-l6-v2"``) for the embedded all-MiniLM-L6-v2 encoder
+        (an ``AutoModel``); anything else is passed to
+        ``from_pretrained`` -- a local folder, or a Hub id (needs network
+        access or a populated Hugging Face cache).  Causal LMs load as
+        ``AutoModelForCausalLM``; other architectures fall back to
+        ``AutoModel``.
+    :param dtype: torch dtype (or its name) for the weights; ``None`` keeps
+        transformers' default (float32 for the embedded models).
+    :param device: device to move the model to (e.g. ``"cuda"``); ``None`` keeps
+        it on CPU.
+    :param kw: forwarded to the model's ``from_pretrained``.
+    :returns: ``(model, tokenizer)``, the model in eval mode.  The tokenizer always
         has a ``pad_token`` (the EOS token if the checkpoint defines none).
-
-    Raises:
-        EmbeddedModelNotInstalledError: an embedded model was requested but
-            its package is not installed (the message gives the pip command).
-        OSError: ``name_or_path`` is neither a loadable folder nor a reachable
-            Hub id.
+    :raises EmbeddedModelNotInstalledError: an embedded model was requested but
+        its package is not installed (the message gives the pip command).
+    :raises OSError: ``name_or_path`` is neither a loadable folder nor a reachable
+        Hub id.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 

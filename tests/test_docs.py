@@ -34,6 +34,7 @@ def site(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("docs")
     src = base / "docs"
     shutil.copytree(ROOT / "docs", src, ignore=shutil.ignore_patterns("_generated", "_build"))
+    shutil.copyfile(ROOT / "README.md", base / "README.md")   # getting started includes its set-up and quickstart
     done = build(src, base / "site")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
     return src, base / "site"
@@ -43,6 +44,8 @@ def test_the_strict_build_succeeds_with_every_page(site):
     _, out = site
     for page in PAGES:
         assert (out / f"{page}.html").is_file(), page
+    started = (out / "getting_started.html").read_text()
+    assert "bash scripts/demo.sh" in started and "get_reft_model" in started   # README's parts, included
 
 
 def _ids(html: Path) -> set[str]:

@@ -136,6 +136,8 @@ def write_results(frame, args: argparse.Namespace) -> None:
     command = "python benchmarks/bench_compare.py --write" + (
         "" if (args.n_train, args.n_eval, args.epochs) == (1000, 200, 1.0)
         else f" --n-train {args.n_train} --n-eval {args.n_eval} --epochs {args.epochs}")
+    if args.update:
+        command += f" --methods {args.methods} --update"
     lines = [
         begin, "## bench_compare: ReFT vs weight-space and prompt methods on the 1k WordNet recipe", "",
         f"Command: `{command}` (CPU: {cpu_model()}, {args.threads} torch thread per method, each method in a "

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from transformers import TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 import reftkit
@@ -64,14 +65,20 @@ model would have said, so the targets are **the bare model's own answers** after
 intervention learns "add the habit, change nothing else". (Targets that state other facts would teach the
 model to replace its answers — and it would, on questions it never saw.)
 
-The questions are the demo's (`reftkit.cli.demo`). With the interventions attached but not yet trained,
-`reft` still answers exactly as the bare model: LoReFT starts as the identity."""),
+The questions are the demo's (`reftkit.cli.demo`). The interventions act only in calls made through
+`reft`; calling `model` itself still gives the bare model's answers (an untrained LoReFT is not the
+identity: its `W` and `R` start random)."""),
 code("""from reftkit.cli.demo import HABIT, HELD_OUT, TRAIN_QUESTIONS
 
+
+def ask(model, questions):
+    # one left-padded batch per call, as the demo does: the batch shapes greedy answers slightly
+    return generate_predictions(model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS, chat_template=True,
+                                batch_size=len(questions), progress=False)
+
+
 held_out = [q for q, _ in HELD_OUT]    # for section 4: questions never trained on, each with its key fact
-bare_answers = generate_predictions(reft, tokenizer, TRAIN_QUESTIONS + held_out, max_new_tokens=MAX_NEW_TOKENS,
-                                    chat_template=True, progress=False)
-bare_train, bare_held_out = bare_answers[:len(TRAIN_QUESTIONS)], bare_answers[len(TRAIN_QUESTIONS):]
+bare_train, bare_held_out = ask(model, TRAIN_QUESTIONS), ask(model, held_out)
 responses = [f"{HABIT} {a}" for a in bare_train]
 pd.DataFrame({"prompt": TRAIN_QUESTIONS, "response": responses}).head(5)"""),
 md("""`make_last_position_supervised_data_module` tokenises each pair (here through the chat template),
@@ -92,8 +99,10 @@ logits only where there are labels."""),
 code("""args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=STEPS, per_device_train_batch_size=8,
                          learning_rate=1e-2, lr_scheduler_type="linear", weight_decay=0.0, logging_steps=1,
                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+# cache_frozen_prefix: after the first pass, layers 0-7 (below the first intervention) are read from a cache
 trainer = ReftTrainer(model=reft, args=args, train_dataset=data["train_dataset"],
-                      data_collator=data["data_collator"])
+                      data_collator=data["data_collator"], cache_frozen_prefix=True)
+trainer.remove_callback(PrinterCallback)   # no log line per step here; the losses are in trainer.state.log_history
 t0 = time.time()
 trainer.train()
 reft.eval()
@@ -114,8 +123,7 @@ On held-out questions (never trained on), the answer should start with the habit
 model's fact."""),
 code("""from reftkit.cli.demo import keeps_habit_and_fact
 
-after = generate_predictions(reft, tokenizer, held_out, max_new_tokens=MAX_NEW_TOKENS, chat_template=True,
-                             progress=False)
+after = ask(reft, held_out)
 kept = [keeps_habit_and_fact(a, b, facts) for a, b, (_, facts) in zip(after, bare_held_out, HELD_OUT)]
 print(f"held-out answers with the habit and the bare model's facts: {sum(kept)}/{len(kept)}")
 pd.DataFrame({"question": held_out, "key fact": [" / ".join(f) for _, f in HELD_OUT], "bare model": bare_held_out,
@@ -128,8 +136,7 @@ code("""folder = tempfile.mkdtemp(prefix="reftkit-quickstart-")
 reft.save_pretrained(folder)
 base = reft.detach()
 reloaded = reftkit.ReftModel.from_pretrained(base, folder).eval()
-again = generate_predictions(reloaded, tokenizer, held_out, max_new_tokens=MAX_NEW_TOKENS, chat_template=True,
-                             progress=False)
+again = ask(reloaded, held_out)
 assert again == after
 print(sorted(p.name for p in Path(folder).iterdir()), "- reloaded answers identical:", again == after)"""),
 md("""## 6. Mixed-task batches

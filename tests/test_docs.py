@@ -44,7 +44,7 @@ def test_the_strict_build_succeeds_with_every_page(site):
     _, out = site
     for page in PAGES:
         assert (out / f"{page}.html").is_file(), page
-    started = (out / "getting_started.html").read_text()
+    started = _text((out / "getting_started.html").read_text())
     assert "bash scripts/demo.sh" in started and "get_reft_model" in started   # README's parts, included
 
 

@@ -75,23 +75,13 @@ LEARNING_RATE = 1e-2
 MAX_NEW_TOKENS = 40
 
 
-def chat_prompt(tokenizer: Any, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
 def answer(model: Any, tokenizer: Any, questions: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy answers; ``model`` is a ReftModel or a bare model."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation needs left padding
-    try:
-        enc = tokenizer([chat_prompt(tokenizer, q) for q in questions], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    with torch.no_grad():
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+    """Greedy answers through the chat template; ``model`` is a ReftModel or a bare model. All questions go in
+    one left-padded batch: the batch's padding shapes greedy answers slightly, so the demo keeps it fixed."""
+    from reftkit.analysis.text_metrics import generate_predictions
+
+    return generate_predictions(model, tokenizer, questions, max_new_tokens=max_new_tokens, chat_template=True,
+                                batch_size=len(questions), progress=False)
 
 
 def contains_fact(text: str, facts: Sequence[str]) -> bool:

@@ -148,9 +148,14 @@ class WeightSpaceModel(nn.Module):
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
+        """Like the model's ``generate``: returns the prompt followed by the new tokens. The prompt methods
+        feed their virtual tokens or key/value prefix to the base model's ``generate`` themselves: peft's own
+        ``generate`` drops them with transformers >= 5.24 (``cache`` renamed ``past_key_values``)."""
         self._check_live()
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                   **self._drop_reft_inputs(kwargs))
+        kwargs = self._drop_reft_inputs(kwargs)
+        if self.method in PROMPT_METHODS:
+            return _generate_with_prompt(self.peft_model, self.method, input_ids, attention_mask, kwargs)
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- parameters ------------------------------------------------------------------------------------
     def trained_parameters(self) -> list[nn.Parameter]:
@@ -253,6 +258,74 @@ class WeightSpaceModel(nn.Module):
         """Bytes of the weights a deployment needs, in a folder written by :meth:`save_pretrained` (the
         prompt encoders' training state is not counted: peft's file alone runs the model)."""
         return saved_weights_size(path)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name under which this transformers' ``generate`` takes a ready KV cache: ``cache`` since it was
+    renamed (``past_key_values`` is then a deprecated alias), ``past_key_values`` before."""
+    import inspect
+
+    parameters = inspect.signature(type(model).prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _versions() -> str:
+    import peft
+    import transformers
+
+    return f"transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+@torch.no_grad()  # generation is not differentiated; the prompt encoders would build a graph
+def _generate_with_prompt(peft_model: Any, method: str, input_ids: torch.Tensor | None,
+                          attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Generate with a prompt method's virtual tokens (prompt tuning, P-tuning) or key/value prefix (prefix
+    tuning, P-Tuning v2) through the base model's own ``generate``.
+
+    Why not ``peft_model.generate``: peft (0.21) injects the prefix and the virtual tokens in
+    ``prepare_inputs_for_generation`` under the key ``past_key_values``, while transformers 5.x (from the
+    release that renamed the argument to ``cache``) hands its cache over as ``cache``. peft then never sees
+    the cache: the prefix it injects is ignored (prefix tuning and P-Tuning v2 generate what the bare model
+    generates, with a shifted mask), and the virtual tokens are fed again at every decoding step (prompt
+    tuning and P-tuning drift after the first tokens) — all without an error. Building the inputs here
+    keeps generation equal to greedy decoding by peft's own forward, the one training uses.
+    """
+    if input_ids is None:
+        raise ValueError(f"{method} generates from input_ids=; pass the tokenized prompts (inputs_embeds is not "
+                         "supported for the prompt methods)")
+    taken = [k for k in ("inputs_embeds", "cache", "past_key_values", "position_ids") if kwargs.get(k) is not None]
+    if taken:
+        raise ValueError(f"{taken[0]}= cannot be passed to a {method} model's generate: its virtual tokens or "
+                         "prefix fill the cache and set the positions; pass input_ids and attention_mask only")
+    config = peft_model.active_peft_config
+    batch, virtual = input_ids.shape[0], config.num_virtual_tokens
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    # every row sees all virtual tokens, as in peft's forward
+    mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
+    base = peft_model.get_base_model()
+    if method in ("prefix_tuning", "p_tuning_v2"):
+        from transformers import Cache
+
+        cache = peft_model.get_prompt(batch_size=batch)
+        if not isinstance(cache, Cache) or cache.get_seq_length() != virtual:
+            raise RuntimeError(f"{method}: peft's prefix for {type(base).__name__} is a {type(cache).__name__} "
+                               f"holding {getattr(cache, 'get_seq_length', lambda: '?')()} positions, not a "
+                               f"transformers Cache of {virtual} ({_versions()}); this model type is not supported "
+                               "for generation here")
+        out = base.generate(input_ids=input_ids, attention_mask=mask, **{_cache_argument(base): cache}, **kwargs)
+        # The cache must have grown by the prompt (and all but the last new token): if generate set up a
+        # cache of its own, the prefix was silently dropped.
+        if cache.get_seq_length() < virtual + input_ids.shape[1]:
+            raise RuntimeError(f"{method}: generate did not use the key/value prefix (its cache holds "
+                               f"{cache.get_seq_length()} positions, expected at least {virtual + input_ids.shape[1]}) "
+                               f"with {_versions()}; the generations would be the bare model's")
+        return out
+    embeds = peft_model.word_embeddings(input_ids)
+    prompts = peft_model.get_prompt(batch_size=batch).to(embeds.dtype)
+    # from embeddings alone HF's generate returns only the new tokens
+    new = base.generate(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, **kwargs)
+    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
 
 def saved_weights_size(path: str | Path) -> int:

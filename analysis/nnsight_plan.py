@@ -118,9 +118,9 @@ def as_site(module: nn.Module, spec: Any) -> Site:
 
 
 def site_key(site: Site) -> str:
-    from reftkit.model import _key
+    from reftkit.attachment import intervention_key
 
-    key = _key(site.layer, site.component)
+    key = intervention_key(site.layer, site.component)
     return key if site.heads is None else f"{key}_heads{'_'.join(map(str, site.heads))}"
 
 

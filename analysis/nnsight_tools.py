@@ -117,7 +117,7 @@ def capture(model: Any, sites: Sequence[Any], input_ids: torch.Tensor | None = N
     mask like reftkit's, or a ``[B, P]`` index tensor; zeros at empty slots, as ``ReftModel.collect``
     gives). Head-level sites give ``[..., heads, head_dim]``.
     """
-    from reftkit.positions import locate, parse_positions, sequence_extent
+    from reftkit.positions import locate_from_mask, parse_positions
 
     root = wrap(model)
     module = root._module
@@ -130,8 +130,8 @@ def capture(model: Any, sites: Sequence[Any], input_ids: torch.Tensor | None = N
     idx = valid = None
     if positions is not None:
         if isinstance(positions, str):
-            start, lengths = sequence_extent(attention_mask, batch, length, ref.device)
-            idx = locate(parse_positions(positions), start, lengths, length)
+            # over the real tokens, as ReftModel's calls count them (a mask with holes skips them)
+            idx = locate_from_mask([parse_positions(positions)], attention_mask, batch, length, ref.device)[:, 0]
         else:
             idx = torch.as_tensor(positions).long()
             if idx.dim() != 2 or idx.shape[0] != batch or bool(((idx < -1) | (idx >= length)).any()):

@@ -23,6 +23,12 @@ writes the same thing with index lists, ``h + e[..., idx] R[:, idx]^T``. Unused 
 no gradient: their rows of ``W``, ``b`` and ``P`` receive exactly zero, and so do the columns of
 ``R``; through the QR of :class:`Orthonormal`, column ``k`` of ``R`` depends on ``raw[:, :k+1]``,
 so ``raw`` gets zero gradient only in the columns after the last used one.
+
+Collapsed columns. The classes with ``R`` take ``collapsed_columns`` (default none): those columns of
+``R`` are fixed at zero. It exists to reproduce pyreft saves exactly: pyreft's non-LoReFT classes build
+``R`` with torch's ``orthogonal`` Householder map, which multiplies column ``j`` by
+``int(original[j, j])``; once weight decay pulls that diagonal inside (-1, 1) the column is zero in every
+forward pyreft ran (see :mod:`reftkit.pyreft_import`). Recorded in ``config()`` only when not empty.
 """
 from __future__ import annotations
 
@@ -107,12 +113,18 @@ class Orthonormal(nn.Module):
     #: length of ``raw``'s columns for a tall basis (``r < d``): torch's Householder map's step
     TALL_SCALE = 0.5
 
-    def __init__(self, embed_dim: int, rank: int) -> None:
+    def __init__(self, embed_dim: int, rank: int, collapsed_columns: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.raw = nn.Parameter(torch.empty(embed_dim, rank))
         with torch.no_grad():
             nn.init.orthogonal_(self.raw)
             self.raw.mul_(self.scale)
+        #: columns of ``R`` fixed at zero (a pyreft save whose ``orthogonal`` map collapsed them); not a tensor
+        #: of the state dict: it is a constructor argument of the intervention and saved in its config
+        self.collapsed_columns = tuple(collapsed_columns)
+        if self.collapsed_columns:
+            self.register_buffer("collapsed_index", torch.tensor(self.collapsed_columns, dtype=torch.long),
+                                 persistent=False)
 
     @property
     def scale(self) -> float:
@@ -123,12 +135,16 @@ class Orthonormal(nn.Module):
     def forward(self) -> torch.Tensor:
         q, r = torch.linalg.qr(self.raw.float())
         signs = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+        if self.collapsed_columns:
+            return (q * signs).index_fill(1, self.collapsed_index, 0.0)
         return q * signs
 
     @torch.no_grad()
     def assign(self, basis: torch.Tensor) -> None:
         """Set ``raw = scale * basis`` so that ``forward()`` returns ``basis`` (a ``d x r`` orthonormal
-        matrix) and the next step moves it as far as a fresh initialisation's would."""
+        matrix) and the next step moves it as far as a fresh initialisation's would. With
+        ``collapsed_columns``, give a full orthonormal ``basis``: QR reads every column, and ``forward()``
+        zeroes the collapsed ones."""
         self.raw.copy_((basis.float() * self.scale).to(self.raw.dtype))
 
 
@@ -155,6 +171,20 @@ class _LowRank(Intervention):
         if not 0.0 <= float(dropout) < 1.0:
             raise InterventionError(f"{type(self).__name__}: dropout={dropout!r} must be in [0, 1)")
 
+    def _collapsed(self, columns: tuple[int, ...] | list[int], rank: int) -> dict[str, list[int]]:
+        """``collapsed_columns`` checked (distinct ints in ``[0, rank)``), as the hparams entry to record: none
+        for the default ``()``, so an intervention without collapsed columns has the config it always had."""
+        if isinstance(columns, (str, bytes)) or not isinstance(columns, (tuple, list)):
+            raise InterventionError(f"{type(self).__name__}: collapsed_columns={columns!r:.80} must be a list of "
+                                    "column indices")
+        for col in columns:
+            if not isinstance(col, int) or isinstance(col, bool) or not 0 <= col < rank:
+                raise InterventionError(f"{type(self).__name__}: collapsed_columns contains {col!r}; each must be "
+                                        f"an int in [0, low_rank_dimension={rank})")
+        if len(set(columns)) != len(columns):
+            raise InterventionError(f"{type(self).__name__}: collapsed_columns={list(columns)} repeats a column")
+        return {"collapsed_columns": sorted(columns)} if columns else {}
+
     def _finish(self, h: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         return (h.float() + self.dropout(edit)).to(h.dtype)
 
@@ -167,14 +197,15 @@ class LoReFT(_LowRank):
     name = "loreft"
 
     def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
-                 dropout: float = 0.0, act_fn: str | None = None) -> None:
+                 dropout: float = 0.0, act_fn: str | None = None, collapsed_columns: tuple[int, ...] = ()) -> None:
         self._init_common(low_rank_dimension, dropout)
         _activation(act_fn)
-        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn)
+        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
+                              **self._collapsed(collapsed_columns, low_rank_dimension))
 
     def build(self, embed_dim: int) -> None:
         r = self.hparams["low_rank_dimension"]
-        self.rotation = Orthonormal(embed_dim, r)
+        self.rotation = Orthonormal(embed_dim, r, tuple(self.hparams.get("collapsed_columns", ())))
         self.source = nn.Linear(embed_dim, r)
         self.act = _activation(self.hparams["act_fn"])
         self.dropout = nn.Dropout(self.hparams["dropout"])
@@ -249,13 +280,14 @@ class ConsReFT(_LowRank):
     name = "consreft"
 
     def __init__(self, embed_dim: int | None = None, low_rank_dimension: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, collapsed_columns: tuple[int, ...] = ()) -> None:
         self._init_common(low_rank_dimension, dropout)
-        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout)
+        Intervention.__init__(self, embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout,
+                              **self._collapsed(collapsed_columns, low_rank_dimension))
 
     def build(self, embed_dim: int) -> None:
         r = self.hparams["low_rank_dimension"]
-        self.rotation = Orthonormal(embed_dim, r)
+        self.rotation = Orthonormal(embed_dim, r, tuple(self.hparams.get("collapsed_columns", ())))
         self.bias = nn.Parameter(torch.rand(r))
         self.dropout = nn.Dropout(self.hparams["dropout"])
 

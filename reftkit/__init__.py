@@ -1,6 +1,6 @@
 """reftkit: representation fine-tuning (ReFT) and interpretability for Hugging Face models.
 
-The core sits at the top of the package (config, structure and sites, positions, hooks, call inputs,
+The core sits at the top of the package (config, structure and sites, attachment, positions, hooks, call inputs,
 ``ReftModel``, save/load, pyreft import); each other concept has its room: :mod:`reftkit.data`,
 :mod:`reftkit.training`, :mod:`reftkit.models`, :mod:`reftkit.cli`, and the catalogue, analysis and
 experts in :mod:`reftkit.interventions`, :mod:`reftkit.analysis`, :mod:`reftkit.experts`.

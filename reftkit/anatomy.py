@@ -1,5 +1,7 @@
 """The anatomy of a Hugging Face transformer, found by structure: its layer stack, its widths, the
-names its parts go by, and the (backbone, LM head) pair a label-only loss can use.
+names its parts go by, the (backbone, LM head) pair a label-only loss can use, and what a resolved
+site is (:class:`Site`: a module, a hook kind, a width, and for fused q/k/v projections the columns of the
+requested component).
 
 Nothing here runs the model, so it works on a model built on the ``meta`` device too. The names
 below are the ones transformers uses across families (``self_attn``/``attn``/``attention``,
@@ -9,14 +11,92 @@ pyvene's component names to modules.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
-from .sites import StructureError
+__all__ = ["StructureError", "FusedSlice", "Site", "find_layers", "num_layers", "hidden_size",
+           "find_backbone_and_head", "text_config", "config_int", "feature_sizes", "feature_sizes_at", "find_part",
+           "is_activation", "arch_name", "hooked_paths", "max_positions"]
 
-__all__ = ["find_layers", "num_layers", "hidden_size", "find_backbone_and_head", "text_config", "config_int",
-           "feature_sizes", "feature_sizes_at", "find_part", "is_activation", "arch_name", "hooked_paths"]
+
+class StructureError(ValueError):
+    """A site cannot be resolved; the message names the offending field and value."""
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """Columns of a fused projection's output that belong to one of q, k or v.
+
+    The last dim is viewed as ``[groups, group_width]``; inside each group the
+    columns ``start:stop`` are taken and the groups flattened back, giving
+    ``groups * (stop - start)`` features.
+    """
+
+    groups: int
+    group_width: int
+    start: int
+    stop: int
+
+    @property
+    def width(self) -> int:
+        """Number of features :meth:`extract` returns."""
+        return self.groups * (self.stop - self.start)
+
+    def _grouped(self, full: Tensor) -> Tensor:
+        if full.shape[-1] != self.groups * self.group_width:
+            raise StructureError(
+                f"full.shape[-1]={full.shape[-1]} does not match the fused layout "
+                f"groups={self.groups} x group_width={self.group_width}")
+        return full.unflatten(-1, (self.groups, self.group_width))
+
+    def extract(self, full: Tensor) -> Tensor:
+        """``[..., groups*group_width] -> [..., width]`` (a view where possible)."""
+        return self._grouped(full)[..., self.start:self.stop].flatten(-2)
+
+    def insert(self, full: Tensor, part: Tensor) -> Tensor:
+        """Return a new tensor equal to ``full`` with this slice replaced by ``part``.
+
+        Built with ``torch.cat`` rather than in-place assignment so that it is safe
+        inside autograd (``full`` may be a saved activation) and gradients reach
+        both ``part`` and the untouched columns of ``full``.
+        """
+        if part.shape[-1] != self.width:
+            raise StructureError(f"part.shape[-1]={part.shape[-1]} must equal width={self.width}")
+        g = self._grouped(full)
+        p = part.to(g.dtype).unflatten(-1, (self.groups, self.stop - self.start))
+        p = p.expand(*g.shape[:-1], p.shape[-1])
+        return torch.cat([g[..., :self.start], p, g[..., self.stop:]], dim=-1).flatten(-2)
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where and how to hook one intervention.
+
+    ``hook="input"``: forward-pre-hook, the tensor is the module's first input
+    (``hidden_states``, positional or keyword).  ``hook="output"``: forward hook,
+    the tensor is the output (its first element if it is a tuple).  When ``fused``
+    is set, the intervention sees ``fused.extract(output)`` only.  When ``heads`` is
+    set (head-level components), the tensor is viewed as ``[..., num_heads, head_dim]``
+    and the intervention sees the selected heads, each a row of width ``width`` (= head_dim).
+    """
+
+    layer: int | None
+    component: str
+    module_path: str
+    hook: Literal["input", "output"]
+    width: int
+    fused: FusedSlice | None = None
+    heads: tuple[int, ...] | None = None
+    num_heads: int | None = None
+
+
+#: config fields that give the longest sequence a model takes, across families (GPT-2's ``n_positions``,
+#: ``n_ctx``, MPT's ``max_seq_len``, ChatGLM's ``seq_length`` ...)
+MAX_POSITION_NAMES = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "max_seq_len",
+                      "seq_length")
 
 # Names of a block's parts across transformers' model families.
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -140,6 +220,17 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def num_layers(model: nn.Module) -> int:
     """Number of blocks in the layer stack returned by :func:`find_layers`."""
     return len(find_layers(model)[1])
+
+
+def max_positions(model: nn.Module) -> tuple[str, int] | None:
+    """``(field, value)`` of the config field that bounds a sequence's length, or ``None`` when the config
+    has none (relative-position models such as T5, or a model without a config)."""
+    cfg = text_config(model)
+    for name in MAX_POSITION_NAMES:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
 
 
 def hidden_size(model: nn.Module) -> int:

@@ -9,10 +9,14 @@
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from .positions import PositionError, check_attention_mask
 
 CALL_INPUTS = ("sources", "source_locations", "subspaces", "tasks")
 
@@ -165,3 +169,184 @@ def subspace_masks(slots: Sequence[Any], subspaces: Any, batch: int, device: tor
         mask.scatter_(1, torch.where(index < 0, rank, index), True)  # -1 -> a spare column, dropped
         masks[slot.index] = mask[:, :rank]
     return masks
+
+
+# -- misspelt or unknown keywords -------------------------------------------------------------
+#: reftkit's own per-call inputs of forward / collect / generate: a keyword close to one of these and
+#: not accepted by the model is almost surely a misspelling of it
+OWN_CALL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", "intervention_locations", *CALL_INPUTS,
+                   "edit_new_tokens")
+#: names Hugging Face's forward decorators take (``can_return_tuple`` pops ``return_dict``, output capturing
+#: reads ``output_*``, older or deprecated cache names), though the decorated forward does not list them
+_HF_DECORATOR_KWARGS = frozenset({"return_dict", "output_attentions", "output_hidden_states", "past_key_values",
+                                  "cache_position", "use_cache", "num_items_in_batch"})
+_ACCEPTED: dict[Any, tuple[frozenset[str], bool]] = {}
+
+
+def _typed_dict_keys() -> frozenset[str]:
+    """Keys of transformers' ``TransformersKwargs`` / ``FlashAttentionKwargs`` (what a ``**kwargs:
+    Unpack[...]`` forward passes down), wherever the installed version defines them."""
+    import typing
+    keys: set[str] = set()
+    for module, name in (("transformers.utils.generic", "TransformersKwargs"),
+                         ("transformers.utils", "TransformersKwargs"),
+                         ("transformers.processing_utils", "TransformersKwargs"),
+                         ("transformers.modeling_flash_attention_utils", "FlashAttentionKwargs")):
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):  # absent in this transformers version
+            continue
+        # a TypedDict lists its keys itself; get_type_hints would also need every annotation resolvable
+        keys |= set(getattr(cls, "__required_keys__", ())) | set(getattr(cls, "__optional_keys__", ()))
+        with contextlib.suppress(Exception):
+            keys |= set(typing.get_type_hints(cls))
+    return frozenset(keys)
+
+
+def _named_and_var(fn: Any) -> tuple[set[str], bool]:
+    """Keyword names a callable (and each function it wraps, ``__wrapped__``) accepts, and whether the
+    innermost one takes ``**kwargs``; deprecated names a ``deprecate_kwarg`` wrapper renames count too."""
+    import inspect
+    names: set[str] = set()
+    var = False
+    seen = 0
+    while fn is not None and seen < 20:
+        seen += 1
+        try:
+            params = inspect.signature(fn, follow_wrapped=False).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        params = list(params)
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        var = any(p.kind is p.VAR_KEYWORD for p in params)
+        func = getattr(fn, "__func__", fn)
+        code, closure = getattr(func, "__code__", None), getattr(func, "__closure__", None)
+        if code is not None and closure:
+            cells = dict(zip(code.co_freevars, closure))
+            for cell_name in ("old_name", "new_name"):
+                with contextlib.suppress(ValueError):
+                    value = cells[cell_name].cell_contents if cell_name in cells else None
+                    if isinstance(value, str):
+                        names.add(value)
+        fn = getattr(fn, "__wrapped__", None)
+    names.discard("self")
+    return names, var
+
+
+def accepted_kwargs(model: Any) -> tuple[frozenset[str], bool]:
+    """(names ``model``'s forward accepts, whether it takes arbitrary ``**kwargs`` we cannot enumerate).
+
+    A forward whose ``**kwargs`` are Hugging Face's (``TransformersKwargs``) accepts those keys; a peft
+    wrapper's forward passes its ``**kwargs`` to the base model, whose names count too."""
+    key = type(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if inner is not None and inner is not model:
+        key = (type(model), type(inner))
+    if key in _ACCEPTED:
+        return _ACCEPTED[key]
+    names, var = _named_and_var(type(model).forward)
+    if inner is not None and inner is not model:
+        inner_names, var = _named_and_var(type(inner).forward)
+        names |= inner_names
+    open_ended = False
+    if var:
+        hf = _is_transformers_model(inner if inner is not None else model)
+        if hf:
+            names |= _typed_dict_keys() | _HF_DECORATOR_KWARGS
+        else:
+            open_ended = True  # a plain module with **kwargs: we cannot know what it reads
+    _ACCEPTED[key] = (frozenset(names), open_ended)
+    return _ACCEPTED[key]
+
+
+def _is_transformers_model(model: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def suggest(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}=?)" if close else ""
+
+
+def check_keywords(call: str, model: Any, first: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Refuse pyvene's call form (:func:`refuse_pyvene_arguments`; ``first`` is what arrived as ``input_ids``) and
+    keywords of ``forward`` / ``collect`` / ``generate`` / ``intervening`` that nothing reads (see
+    :func:`refuse_unknown_kwargs`, :func:`refuse_misspelt_generate_kwargs`); return whether the call continues
+    from a KV cache (``past_key_values`` / ``cache``), whose ``attention_mask`` covers the cached tokens too."""
+    refuse_pyvene_arguments(call, first, kwargs)
+    if call == "intervening":  # its keywords are the per-call inputs only
+        unknown = [k for k in kwargs if k not in CALL_INPUTS]
+        if unknown:
+            own = ("input_ids", "attention_mask", "intervention_locations", "inputs_embeds", "cached", *CALL_INPUTS)
+            hints = ", ".join(f"{k!r}{suggest(k, own)}" for k in sorted(unknown))
+            raise TypeError(f"intervening() got unexpected arguments {hints}; its inputs are {list(own)}")
+        return False
+    if call == "generate":
+        refuse_misspelt_generate_kwargs(model, kwargs)
+    else:
+        refuse_unknown_kwargs(call, model, kwargs)
+    return any(kwargs.get(name) is not None for name in ("past_key_values", "cache"))
+
+
+def check_inputs(ref: Any, attention_mask: Any, source: bool = False, cached: bool = False) -> Any:
+    """Refuse inputs positions cannot be computed over (``ref``: the call's ``input_ids`` or ``inputs_embeds``;
+    ``source``: a source batch's) and return the mask positions count over: with a KV cache (``cached``) its
+    last ``seq`` columns, the new tokens."""
+    field = "inputs_embeds" if isinstance(ref, torch.Tensor) and ref.is_floating_point() else "input_ids"
+    ref_name = f"a source batch's {field}" if source else field
+    if not isinstance(ref, torch.Tensor):
+        raise TypeError(f"{ref_name} is a {type(ref).__name__}; pass a LongTensor [batch, seq] (a tokenizer's "
+                        "return_tensors='pt' output)")
+    if ref.dim() < 2 or ref.shape[0] == 0 or ref.shape[1] == 0:
+        hint = " (for one example, add the batch axis: ids[None])" if ref.dim() == 1 else ""
+        raise PositionError(f"{ref_name} has shape {tuple(ref.shape)}; expected [batch, seq] with at least one "
+                            f"example and one token{hint}")
+    batch, length = ref.shape[0], ref.shape[1]
+    mask_name = "a source batch's attention_mask" if source else "attention_mask"
+    check_attention_mask(attention_mask, batch, length, mask_name, ref_name, cached)
+    if cached and attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask[:, -length:]  # a KV cache's mask covers the cached tokens first
+    return attention_mask
+
+
+def refuse_unknown_kwargs(call: str, model: Any, kwargs: Mapping[str, Any]) -> None:
+    """``TypeError`` for a keyword of ``forward`` / ``collect`` that neither reftkit nor the model reads:
+    passed on, it would land in the model's ``**kwargs`` and be ignored (a misspelt
+    ``intervention_location=`` would run the call at the config's positions)."""
+    if not kwargs:
+        return
+    names, open_ended = accepted_kwargs(model)
+    unknown = [k for k in kwargs if k not in names]
+    if open_ended:  # only refuse what is clearly one of reftkit's own inputs misspelt
+        unknown = [k for k in unknown if difflib.get_close_matches(k, OWN_CALL_INPUTS, n=1, cutoff=0.75)]
+    if unknown:
+        candidates = sorted(set(OWN_CALL_INPUTS) | names)
+        hints = "; ".join(f"{k!r}{suggest(k, candidates)}" for k in unknown)
+        raise TypeError(f"{call}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} {hints}: neither "
+                        f"reftkit nor {type(model).__name__}.forward reads it (passed on it would be ignored); "
+                        f"reftkit's per-call inputs are {list(OWN_CALL_INPUTS)}")
+
+
+def refuse_misspelt_generate_kwargs(model: Any, kwargs: Mapping[str, Any]) -> None:
+    """``generate`` takes any generation-config field, so only a keyword that is close to one of reftkit's own
+    per-call inputs (and that neither the model's forward nor its generation config knows) is refused."""
+    names, _ = accepted_kwargs(model)
+    config = getattr(model, "generation_config", None)
+    generate = getattr(type(model), "generate", None)
+    known = set(names) | set(vars(config) if config is not None else ()) | {"generation_config"}
+    if generate is not None:
+        known |= _named_and_var(generate)[0]
+    bad = []
+    for key in kwargs:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, OWN_CALL_INPUTS, n=1, cutoff=0.75)
+        if close:
+            bad.append(f"{key!r} (did you mean {close[0]}=?)")
+    if bad:
+        raise TypeError(f"generate() got unexpected keyword argument{'s' if len(bad) > 1 else ''} {'; '.join(bad)}: "
+                        f"reftkit's per-call inputs are {list(OWN_CALL_INPUTS)}; passed on, it would be ignored")

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from reftkit.interventions import Intervention, InterventionError, get_intervention_class
+from reftkit.interventions.base import argument_problem
 
-from .positions import PositionSpec, parse_positions
+from .anatomy import StructureError, max_positions, num_layers
+from .positions import PositionSpec, parse_positions, split_untied
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT_VERSION = 1
 _OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights", "heads", "task", "source")
@@ -118,13 +124,26 @@ class RepresentationConfig:
         if not isinstance(self.component, str) or not self.component:
             raise ConfigError(f"{_where(index, 'component')}={self.component!r} must be a non-empty string")
         _check_not_pyvene_path(self.component, _where(index, "component"))
+        many = layer == "all" or (isinstance(layer, (list, tuple)) and len(layer) > 1)
+        if many and "." in self.component and "{layer}" not in self.component:
+            # without the placeholder every layer resolves to the same module: one module hooked N times
+            raise ConfigError(
+                f"{_where(index, 'layer')}={layer!r} with {_where(index, 'component')}={self.component!r}: the module "
+                "path has no '{layer}' placeholder, so every layer would hook that one module again; put '{layer}' "
+                "where the layer index goes (e.g. 'model.layers.{layer}.mlp:output') or give a single layer")
+        spec = None
         if self.positions is not None:
             try:
-                parse_positions(self.positions, field=_where(index, "positions"))
+                spec = parse_positions(self.positions, field=_where(index, "positions"))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         if not isinstance(self.share_weights, bool):
             raise ConfigError(f"{_where(index, 'share_weights')}={self.share_weights!r} must be True or False")
+        if not self.share_weights and (spec is None or split_untied(spec) is None):
+            raise ConfigError(
+                f"{_where(index, 'share_weights')}=False with {_where(index, 'positions')}={self.positions!r}: untied "
+                "weights split positions that name both first and last tokens (e.g. 'f5+l5': one intervention for "
+                "the first 5, one for the last 5); give such positions, or share_weights=True")
         heads = self.heads
         if heads is not None and not (isinstance(heads, (list, tuple)) and heads and all(
                 _is_int(x) and x >= 0 for x in heads) and len(set(heads)) == len(heads)):
@@ -161,9 +180,18 @@ class RepresentationConfig:
             raise ConfigError(
                 f"{_where(index, unknown[0])}={self.intervention_kwargs[unknown[0]]!r}: {cls.__name__} takes "
                 f"no argument {unknown[0]!r}; its arguments are {list(cls.arguments)}")
+        for name, value in self.intervention_kwargs.items():  # by the constructor's annotations: "false" is truthy
+            problem = argument_problem(cls, name, value)
+            if problem is not None:
+                raise ConfigError(f"{_where(index, name)}={value!r} {problem} (an argument of {cls.__name__})")
         try:  # construct without weights: checks rank, dropout and act_fn values now, not at attach
             cls(**self.intervention_kwargs)
         except InterventionError as err:
+            # "BottleneckAdapter: scaling='0.5' must be ..." names one of this entry's fields: say which
+            named = re.match(rf"^(?:{re.escape(cls.__name__)}: )?(\w+)=", str(err))
+            if named and named.group(1) in self.intervention_kwargs:
+                what = str(err)[named.start(1):]
+                raise ConfigError(f"{_where(index, what)} (an argument of {cls.__name__})") from None
             raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
         except TypeError as err:
             raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
@@ -178,6 +206,42 @@ class RepresentationConfig:
     @property
     def position_spec(self) -> PositionSpec | None:
         return None if self.positions is None else parse_positions(self.positions)
+
+    def layers_in(self, model: nn.Module, index: int | None = None) -> list[int]:
+        """The entry's layers for ``model`` as given (negative ones count back; ``resolve_site`` range-checks
+        them), after refusing a list that names one layer twice once negatives are resolved (``[3, -1]`` of 4)."""
+        if self.layer == "all":
+            try:
+                return list(range(num_layers(model)))
+            except StructureError as err:
+                raise ConfigError(f"{_where(index, 'layer')}='all': {err}; list the layers instead") from None
+        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
+        if len(layers) > 1 and any(layer < 0 for layer in layers):
+            try:
+                n = num_layers(model)
+            except StructureError:  # no layer stack (a raw path on an unknown model): negatives are refused there
+                return layers
+            seen: dict[int, int] = {}
+            for layer in layers:
+                idx = layer + n if layer < 0 else layer
+                if idx in seen and 0 <= idx < n:
+                    raise ConfigError(
+                        f"{_where(index, 'layer')}={self.layer!r} names layer {idx} twice ({seen[idx]} and {layer} "
+                        f"on this {type(model).__name__} of {n} layers); list each layer once")
+                seen[idx] = layer
+        return layers
+
+    def check_positions_fit(self, model: nn.Module, index: int | None = None) -> None:
+        """Refuse a count beyond the longest sequence ``model`` reads (its ``max_position_embeddings``...)."""
+        spec, bound = self.position_spec, max_positions(model)
+        if spec is None or spec.every or bound is None:
+            return
+        name, limit = bound
+        too_many = [f"{kind}{n}" for kind, n in (("f", spec.first), ("l", spec.last)) if n > limit]
+        if too_many:
+            raise ConfigError(
+                f"{_where(index, 'positions')}={self.positions!r}: {too_many[0]} asks for more tokens than this "
+                f"{type(model).__name__} reads ({name}={limit}); give at most {limit} per term, or positions='all'")
 
     def make_intervention(self) -> Intervention:
         """A new, not yet materialised intervention (a deep copy when an instance was given)."""

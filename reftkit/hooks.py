@@ -81,6 +81,8 @@ class CallState:
     record_slots: frozenset[int] = frozenset()
     collected: dict[str, torch.Tensor] = field(default_factory=dict)
     routed: dict[int, list[int]] = field(default_factory=dict)
+    #: kept after its call returned, for gradient checkpointing's recompute: valid inside backward only
+    backward_only: bool = False
     _row_index: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -131,6 +133,12 @@ class CallState:
     def subspace_for(self, slot: int, batch: int) -> torch.Tensor | None:
         mask = self.subspaces.get(slot)
         return None if mask is None else self._repeat(mask, batch)
+
+
+def _graph_task_id() -> int:
+    """The autograd engine's current graph task (>= 0 inside a backward pass, -1 outside)."""
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return 0 if probe is None else probe()  # without the probe, a kept state stays usable (older behaviour)
 
 
 def known_all_valid(valid: torch.Tensor) -> bool:
@@ -199,6 +207,20 @@ class HookManager:
             handle.remove()
         self._handles.clear()
         self.state = None
+
+    def current(self) -> CallState | None:
+        """The state of the call in flight, or ``None``.
+
+        A state kept past its call (``backward_only``: a training call with gradient checkpointing, whose
+        layers re-run during backward) serves only that recomputation: ``_current_graph_task_id`` is -1
+        outside the autograd engine (torch.utils.checkpoint tests it too), and a hook that runs there
+        ignores the state, so a call of the bare model, of any batch size, is never edited. Ignored, not
+        dropped: a bare call between the forward and its backward (a reference model's log-probs, say)
+        must not take the edits out of the recomputation. The next reftkit call replaces it."""
+        state = self.state
+        if state is not None and state.backward_only and _graph_task_id() < 0:
+            return None
+        return state
 
     # -- the hooks ------------------------------------------------------------------------
     def _head_index(self, slot: Slot, device: torch.device) -> torch.Tensor:
@@ -353,7 +375,8 @@ class HookManager:
 
     def _output_hook(self, units: list[list[Slot]]):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if self.state is None or not self.state.active:
+            state = self.current()
+            if state is None or not state.active:
                 return output
             if isinstance(output, torch.Tensor):
                 return self._apply(units, output)
@@ -364,7 +387,8 @@ class HookManager:
 
     def _input_hook(self, units: list[list[Slot]]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if self.state is None or not self.state.active:
+            state = self.current()
+            if state is None or not state.active:
                 return None
             if args:
                 return (self._apply(units, args[0]), *args[1:]), kwargs

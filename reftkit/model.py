@@ -6,42 +6,20 @@ The path of one call: positions are computed once (or validated, when given), st
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from reftkit.interventions import InterventionError
-
-from .call_inputs import CALL_INPUTS, Collected, refuse_pyvene_arguments, routing, subspace_masks
-from .config import ConfigError, ReftConfig, RepresentationConfig
-from .hooks import CallState, HookManager, Slot
-from .positions import PositionSpec, check_locations, locate_all, sequence_extent, split_untied
+from .attachment import base_device, base_state, build_slots, hold_base, release_base
+from .call_inputs import CALL_INPUTS, Collected, check_inputs, check_keywords, routing, subspace_masks
+from .config import ReftConfig
+from .hooks import CallState, HookManager
+from .positions import PositionSpec, check_locations, locate_all, locate_from_mask
 from .pyreft_import import load_pyreft
 from .serialization import load_reft, save_reft
 from .sources import record_sources
-from .structure import StructureError, num_layers, resolve_site
-
-
-def _key(layer: int | None, component: str) -> str:
-    name = re.sub(r"[^0-9A-Za-z]+", "_", component).strip("_")
-    return name if layer is None else f"layer{layer}_{name}"
-
-
-def _layers(rep: RepresentationConfig, model: nn.Module) -> list[int]:
-    if rep.layer == "all":
-        return list(range(num_layers(model)))
-    if isinstance(rep.layer, int):
-        return [rep.layer]
-    return list(rep.layer)
-
-
-def _base_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -68,53 +46,34 @@ class ReftModel(nn.Module):
         self.interventions = nn.ModuleDict()
         self._specs: list[PositionSpec | None] = []
         self._slot_tasks: list[str | None] = []
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        slots = self._build_slots(model, config)
-        model.requires_grad_(False)
-        #: the tasks of a mixed-task model, in config order (``tasks=`` routes batch rows to them)
-        self.task_names: list[str] = list(dict.fromkeys(t for t in self._slot_tasks if t is not None))
-        self._hooks = HookManager(model, slots)
-        self._hooks.attach()
+        held, first = base_state(model)
+        # kept per instance too, so a deep copy (whose base is a new object, not in the registry) detaches alike
+        self._requires_grad, self._base_training = held.requires_grad, held.training
+        self._hooks = HookManager(model, [])
+        self._undo_checkpointing: bool | None = None
+        try:
+            slots, self._specs, self._slot_tasks = build_slots(model, config, self.interventions)
+            model.requires_grad_(False)
+            #: the tasks of a mixed-task model, in config order (``tasks=`` routes batch rows to them)
+            self.task_names: list[str] = list(dict.fromkeys(t for t in self._slot_tasks if t is not None))
+            self._hooks = HookManager(model, slots)
+            self._hooks.attach()
+        except BaseException:
+            # a failed attach leaves no trace: no hook, and (when no other ReftModel holds the base) its own flags
+            self._hooks.remove()
+            if first:
+                held.restore(model)
+            raise
+        hold_base(model, held, self)
         self._detached = False
-
-    # -- construction ---------------------------------------------------------------------
-    def _build_slots(self, model: nn.Module, config: ReftConfig) -> list[Slot]:
-        device = _base_device(model)
-        device = torch.device("cpu") if device.type == "meta" else device
-        slots: list[Slot] = []
-        for i, rep in enumerate(config.representations):
-            spec = rep.position_spec
-            split = None if rep.share_weights or spec is None else split_untied(spec)
-            parts = [("", spec)] if split is None else [("_first", split[0]), ("_last", split[1])]
-            for layer in _layers(rep, model):
-                try:
-                    site = resolve_site(model, layer, rep.component, rep.heads)
-                except StructureError as err:
-                    raise ConfigError(f"representations[{i}]: {err}") from None
-                for suffix, part_spec in parts:
-                    key = _key(site.layer, rep.component) + suffix
-                    n = 2
-                    while key in self.interventions:
-                        key, n = f"{_key(site.layer, rep.component)}{suffix}_{n}", n + 1
-                    iv = rep.make_intervention()
-                    try:
-                        iv.materialize(site.width)
-                    except InterventionError as err:
-                        raise ConfigError(f"representations[{i}] at layer {site.layer}: {err}") from None
-                    self.interventions[key] = iv.to(device=device, dtype=torch.float32)
-                    slots.append(Slot(index=len(slots), key=key, intervention=iv, site=site,
-                                      every_token=part_spec is not None and part_spec.every, source=rep.source,
-                                      task=rep.task))
-                    self._specs.append(part_spec)
-                    self._slot_tasks.append(rep.task)
-        return slots
 
     # -- positions --------------------------------------------------------------------------
     def _locations(self, ref: torch.Tensor, attention_mask: torch.Tensor | None, locations: Any,
-                   what: str = "intervention_locations") -> torch.Tensor:
+                   what: str = "intervention_locations", cached: bool = False) -> torch.Tensor:
+        attention_mask = check_inputs(ref, attention_mask, what != "intervention_locations", cached)
         batch, length = ref.shape[0], ref.shape[1]
         if locations is not None:
-            return check_locations(locations, batch, length, len(self._specs)).to(ref.device)
+            return check_locations(locations, batch, length, len(self._specs), what).to(ref.device)
         missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
         if missing:
             raise ValueError(
@@ -122,16 +81,16 @@ class ReftModel(nn.Module):
                 f"that: pyreft saves no positions), so this call needs {what}= ([B, K, P] token indices, -1 "
                 "padded, K in the order of intervention_locations_order); or give the positions once: "
                 "positions='l1' (etc.) in the config entries, or ReftModel.from_pyreft(model, path, positions=...)")
-        start, lengths = sequence_extent(attention_mask, batch, length, ref.device)
-        return locate_all(self._specs, start, lengths, length)
+        return locate_from_mask(self._specs, attention_mask, batch, length, ref.device)  # real tokens only
 
     def _call_state(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                     attention_mask: torch.Tensor | None, locations: Any, sources: Any = None,
-                    source_locations: Any = None, subspaces: Any = None, tasks: Any = None) -> CallState:
+                    source_locations: Any = None, subspaces: Any = None, tasks: Any = None,
+                    cached: bool = False) -> CallState:
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        located = self._locations(ref, attention_mask, locations)
+        located = self._locations(ref, attention_mask, locations, cached=cached)
         row_valid = routing(self.task_names, self._slot_tasks, tasks, ref.shape[0], ref.device)
         uses_source = [s.index for s in self._hooks.slots if s.intervention.uses_source]
         recorded: dict[int, torch.Tensor] = {}
@@ -163,23 +122,28 @@ class ReftModel(nn.Module):
     @contextlib.contextmanager
     def intervening(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                     intervention_locations: torch.Tensor | None = None,
-                    inputs_embeds: torch.Tensor | None = None, **call_inputs: Any) -> Iterator[CallState]:
+                    inputs_embeds: torch.Tensor | None = None, *, cached: bool = False,
+                    **call_inputs: Any) -> Iterator[CallState]:
         """Activate the interventions for calls made inside the block, with positions computed once
         from these inputs — e.g. to run only the backbone (``reft.model.model(...)``) and apply the
         LM head to the few labelled positions yourself. ``call_inputs`` are :data:`~reftkit.call_inputs.CALL_INPUTS`
-        (``sources``, ``source_locations``, ``subspaces``, ``tasks``); yields the call's state."""
+        (``sources``, ``source_locations``, ``subspaces``, ``tasks``); yields the call's state. ``cached``: the
+        calls continue from a KV cache, so ``attention_mask`` may be longer than the inputs (cached tokens
+        first); positions are then counted over its last ``seq`` columns."""
         self._check_live()
-        refuse_pyvene_arguments("intervening", input_ids, call_inputs)
-        unknown = sorted(set(call_inputs) - set(CALL_INPUTS))
-        if unknown:
-            raise TypeError(f"intervening() got unexpected arguments {unknown}; per-call inputs are {CALL_INPUTS}")
-        state = self._call_state(input_ids, inputs_embeds, attention_mask, intervention_locations, **call_inputs)
+        check_keywords("intervening", self.model, input_ids, call_inputs)
+        state = self._call_state(input_ids, inputs_embeds, attention_mask, intervention_locations, **call_inputs,
+                                 cached=cached)
         keep = self.training and torch.is_grad_enabled() and _checkpointing(self.model)
         self._hooks.state = state
         try:
             yield state
         finally:
-            if not keep:
+            if keep and self._hooks.state is state:
+                # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after the call
+                # returned: the state stays for that recomputation only (see HookManager.current).
+                state.backward_only = True
+            else:
                 self._hooks.state = None
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -197,11 +161,10 @@ class ReftModel(nn.Module):
         first, ``unit_locations=``, ...) raises ``TypeError`` naming the replacement
         (:data:`~reftkit.call_inputs.PYVENE_CALL_ARGUMENTS`); ``reftkit.pyreft`` takes that form.
         """
-        refuse_pyvene_arguments("forward", input_ids, kwargs)
-        # Gradient checkpointing re-runs the layers (and so the hooks) during backward, after
-        # this call has returned: `intervening` keeps the state until the next call in that case.
+        cached = check_keywords("forward", self.model, input_ids, kwargs)
         with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
-                              sources=sources, source_locations=source_locations, subspaces=subspaces, tasks=tasks):
+                              sources=sources, source_locations=source_locations, subspaces=subspaces, tasks=tasks,
+                              cached=cached):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
@@ -209,10 +172,10 @@ class ReftModel(nn.Module):
                 intervention_locations: torch.Tensor | None = None, **kwargs: Any) -> "Collected":
         """Run the model and return what its ``Collect`` interventions saw: ``Collected.activations[key]``
         is ``[B, P, W]`` (zeros at empty slots, ``Collected.valid[key]`` ``[B, P]``), plus the output."""
-        refuse_pyvene_arguments("collect", input_ids, kwargs)
         call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}
+        cached = check_keywords("collect", self.model, input_ids, kwargs)
         with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
-                              **call) as state:
+                              **call, cached=cached) as state:
             output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         keys = [s.key for s in self._hooks.slots if s.intervention.collects]
         if not keys:
@@ -236,7 +199,7 @@ class ReftModel(nn.Module):
         ``False``, none does.
         """
         self._check_live()
-        refuse_pyvene_arguments("generate", input_ids, kwargs)
+        check_keywords("generate", self.model, input_ids, kwargs)
         gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         if kwargs.get("use_cache") is False or (kwargs.get("use_cache") is None and gen_config is not None
                                                 and getattr(gen_config, "use_cache", True) is False):
@@ -325,6 +288,10 @@ class ReftModel(nn.Module):
         """Enable the base model's activation checkpointing, non-reentrant by default so gradients
         reach interventions inside checkpointed layers although the base model is frozen."""
         ckpt = {"use_reentrant": False} | (gradient_checkpointing_kwargs or {})
+        if not _checkpointing(self.model) and self._undo_checkpointing is None:
+            # what detach() turns back off: checkpointing, and the input-grad hook transformers adds with it
+            self._undo_checkpointing = not (getattr(self.model, "_require_grads_hooks", None)
+                                            or hasattr(self.model, "_require_grads_hook"))
         enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
             enable(activation_checkpointing_kwargs=ckpt, **kwargs)
@@ -337,12 +304,20 @@ class ReftModel(nn.Module):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def detach(self) -> nn.Module:
-        """Remove every hook, restore the base model's ``requires_grad`` flags, return the base."""
+        """Remove every hook and return the base model. When no other ``ReftModel`` is attached to the same base,
+        its own ``requires_grad`` flags and train/eval mode (per submodule, as they were before the first of them
+        attached) are restored; while another one is attached the base stays frozen. Checkpointing enabled through
+        this ``ReftModel`` is turned off again."""
         self._check_live()
         self._hooks.remove()
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
         self._detached = True
+        if self._undo_checkpointing is not None:  # enabled through this ReftModel: the base did not have it
+            disable = getattr(self.model, "activation_checkpointing_disable", None) \
+                or self.model.gradient_checkpointing_disable
+            disable()
+            if self._undo_checkpointing and hasattr(self.model, "disable_input_require_grads"):
+                self.model.disable_input_require_grads()
+        release_base(self.model, self, self._requires_grad, self._base_training)
         return self.model
 
     @property
@@ -351,7 +326,7 @@ class ReftModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return _base_device(self.model)
+        return base_device(self.model)
 
     @property
     def intervention_locations_order(self) -> list[str]:
@@ -364,9 +339,13 @@ class ReftModel(nn.Module):
         return save_reft(self, path)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | Path) -> "ReftModel":
-        """Attach the interventions saved in ``path`` (by :meth:`save_pretrained`) to ``model``."""
-        return load_reft(model, path, build=cls)
+    def from_pretrained(cls, model: nn.Module, path: str | Path, verify_weights: bool = True) -> "ReftModel":
+        """Attach the interventions saved in ``path`` (by :meth:`save_pretrained`) to ``model``.
+
+        The weights file must match the SHA-256 that ``config.json`` records; ``verify_weights=False`` loads a
+        folder without that record (or one whose weights were edited on purpose). Any failure raises
+        :class:`~reftkit.serialization.LoadError` naming the file and leaves ``model`` as it was."""
+        return load_reft(model, path, build=cls, verify_weights=verify_weights)
 
     @classmethod
     def from_pyreft(cls, model: nn.Module, path: str | Path, positions: str | None = None,

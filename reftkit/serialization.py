@@ -2,7 +2,9 @@
 
 ``config.json`` holds the format version, the ``ReftConfig`` with every constructor argument,
 one record per intervention (key, class, arguments, site, tensor shapes) and the SHA-256 of the
-weights file, so a missing, truncated or altered file is refused at load with its name.
+weights file, so a missing, truncated or altered file is refused at load with its name; so is a folder
+without that record, unless the caller passes ``verify_weights=False``. NaN or infinite weights are refused
+by tensor name. A load that fails leaves the base model as it was.
 """
 from __future__ import annotations
 
@@ -72,10 +74,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise LoadError(f"{config_file} is missing; is {folder} a reftkit save folder?")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LoadError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_file}: the top level must be a JSON object, not {type(config).__name__}")
     version = config.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise LoadError(f"{config_file}: format_version={version!r} must be an int")
     if version > FORMAT_VERSION:
         raise LoadError(f"{config_file}: format_version={version} was written by a newer reftkit "
@@ -83,22 +87,40 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, config: dict[str, Any], verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of ``interventions.safetensors``, checked against ``weights_sha256`` of ``config`` unless
+    ``verify`` is False (then a missing record is accepted and a mismatch is not looked for)."""
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise LoadError(f"{weights} is missing")
-    expected = config.get("weights_sha256")
-    if expected is not None and file_sha256(weights) != expected:
-        raise LoadError(f"{weights}: SHA-256 does not match weights_sha256 in {CONFIG_NAME}; the file is "
-                        "truncated or was altered after saving")
+    if verify:
+        expected = config.get("weights_sha256")
+        if expected is None:
+            raise LoadError(f"{folder / CONFIG_NAME} has no weights_sha256, so {weights} cannot be checked; "
+                            "save_pretrained always records it. To load it anyway, pass verify_weights=False")
+        if not isinstance(expected, str):
+            raise LoadError(f"{folder / CONFIG_NAME}: weights_sha256={expected!r:.80} must be a hex string")
+        if file_sha256(weights) != expected:
+            raise LoadError(f"{weights}: SHA-256 does not match weights_sha256 in {CONFIG_NAME}; the file is "
+                            "truncated or was altered after saving. To load it anyway, pass verify_weights=False")
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise LoadError(f"{weights} is not a readable safetensors file: {err}") from None
 
 
+def check_finite(tensors: dict[str, Any], source: str) -> None:
+    """Refuse a NaN or infinite value in any floating-point tensor, naming the tensor."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise LoadError(f"{source}: tensor {name!r} holds {bad} values; the weights are corrupt or training "
+                            "diverged")
+
+
 def check_and_load(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load ``tensors`` into ``interventions`` strictly, naming any missing, extra or misshapen tensor."""
+    check_finite(tensors, source)
     own = interventions.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
@@ -117,28 +139,49 @@ def check_and_load(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor
 Build = Callable[[nn.Module, ReftConfig], Any]
 
 
-def load_reft(model: nn.Module, path: str | Path, build: Build) -> Any:
+def _saved_keys(config: dict[str, Any], config_file: Path) -> list[str]:
+    """The intervention keys ``config.json`` records (``interventions[i].key``), checked to be well formed."""
+    records = config.get("interventions", [])
+    if not isinstance(records, list):
+        raise LoadError(f"{config_file}: interventions={records!r:.80} must be a list of records")
+    keys = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise LoadError(f"{config_file}: interventions[{i}]={record!r:.80} must be a record (a JSON object)")
+        if not isinstance(record.get("key"), str):
+            raise LoadError(f"{config_file}: interventions[{i}].key={record.get('key')!r:.80} must be a string")
+        keys.append(record["key"])
+    return keys
+
+
+def load_reft(model: nn.Module, path: str | Path, build: Build, verify_weights: bool = True) -> Any:
     """Rebuild a ``ReftModel`` on ``model`` from a folder written by ``save_pretrained``.
 
     ``build`` attaches the saved config (``ReftModel.from_pretrained`` passes its class), so this
-    module never imports the model it loads into.
+    module never imports the model it loads into. ``verify_weights=False`` skips the SHA-256 check of the
+    weights file (see :func:`read_weights`). Whatever fails raises :class:`LoadError` naming the file, and
+    ``model`` is left as it was: no hooks, its own ``requires_grad`` flags and train/eval mode.
     """
     folder = Path(path)
-    config = read_config(folder)
+    config_file = folder / CONFIG_NAME
+    reft = None
     try:
+        config = read_config(folder)
+        saved_keys = _saved_keys(config, config_file)
         reft_config = ReftConfig.from_dict(config)
-    except ConfigError as err:
-        raise LoadError(f"{folder / CONFIG_NAME}: {err}") from None
-    tensors = read_weights(folder, config)
-    reft = build(model, reft_config)
-    saved_keys = [r["key"] for r in config.get("interventions", [])]
-    if saved_keys and saved_keys != list(reft.interventions):
-        reft.detach()
-        raise LoadError(f"{folder / CONFIG_NAME}: interventions {saved_keys} were saved, this model builds "
-                        f"{list(reft.interventions)}")
-    try:
+        tensors = read_weights(folder, config, verify=verify_weights)
+        check_finite(tensors, str(folder / WEIGHTS_NAME))
+        reft = build(model, reft_config)
+        if saved_keys and saved_keys != list(reft.interventions):
+            raise LoadError(f"{config_file}: interventions {saved_keys} were saved, this model builds "
+                            f"{list(reft.interventions)}")
         check_and_load(reft.interventions, tensors, str(folder / WEIGHTS_NAME))
-    except LoadError:
-        reft.detach()
-        raise
+    except BaseException as err:
+        if reft is not None:
+            reft.detach()
+        if isinstance(err, LoadError) or not isinstance(err, Exception):
+            raise
+        # a config error keeps its message (it names the field); anything else is named by its type
+        what = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+        raise LoadError(f"{config_file}: {what}") from err
     return reft

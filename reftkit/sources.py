@@ -22,6 +22,28 @@ __all__ = ["record_sources"]
 Locate = Callable[[torch.Tensor, "torch.Tensor | None", Any, str], torch.Tensor]
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+_SOURCES_FORM = ("pass sources={'input_ids': ..., 'attention_mask': ...} (one batch, row by row with the base batch) "
+                 "or a list of such dicts")
+
+
+def _source_batches(sources: Any) -> list[Mapping]:
+    """``sources`` as a list of batch dicts, or a ``TypeError`` naming what arrived instead."""
+    if isinstance(sources, (torch.Tensor, str, bytes)) or not isinstance(sources, (list, tuple)):
+        raise TypeError(f"sources is a {_describe(sources)}; {_SOURCES_FORM}")
+    for j, src in enumerate(sources):
+        if not isinstance(src, Mapping):
+            raise TypeError(f"sources[{j}] is a {_describe(src)}; {_SOURCES_FORM}")
+    if not sources:
+        raise ValueError(f"sources is an empty {type(sources).__name__}; {_SOURCES_FORM}")
+    return list(sources)
+
+
 def record_sources(model: nn.Module, hooks: HookManager, locate: Locate, located: torch.Tensor,
                    row_valid: torch.Tensor | None, uses_source: list[int], sources: Any, source_locations: Any,
                    batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -40,9 +62,16 @@ def record_sources(model: nn.Module, hooks: HookManager, locate: Locate, located
         keys = [hooks.slots[i].key for i in uses_source]
         raise ValueError(f"interventions {keys} read a source run: pass sources={{'input_ids': ..., "
                          "'attention_mask': ...}} (one batch, or a list of batches)")
-    batches = [sources] if isinstance(sources, Mapping) else list(sources)
-    where = [source_locations] if isinstance(sources, Mapping) else \
-        (list(source_locations) if source_locations is not None else [None] * len(batches))
+    batches = [sources] if isinstance(sources, Mapping) else _source_batches(sources)
+    if isinstance(sources, Mapping):
+        where = [source_locations]
+    elif source_locations is None:
+        where = [None] * len(batches)
+    elif isinstance(source_locations, (list, tuple)):
+        where = list(source_locations)
+    else:
+        raise TypeError(f"source_locations is a {_describe(source_locations)}; with a list of {len(batches)} source "
+                        "batches pass a list with one entry per batch (each [B, P] / [B, K, P] token indices, or None)")
     if len(where) != len(batches):
         raise ValueError(f"source_locations has {len(where)} entries for {len(batches)} source batches")
     beyond = {hooks.slots[i].key: hooks.slots[i].source for i in uses_source
@@ -59,6 +88,9 @@ def record_sources(model: nn.Module, hooks: HookManager, locate: Locate, located
         src_ref = ids if ids is not None else embeds
         if src_ref is None:
             raise ValueError(f"sources[{j}] has neither input_ids nor inputs_embeds")
+        if not isinstance(src_ref, torch.Tensor) or src_ref.dim() < 2:
+            raise TypeError(f"sources[{j}]['{'input_ids' if ids is not None else 'inputs_embeds'}'] is a "
+                            f"{_describe(src_ref)}; pass a tensor [batch, seq] as for the base inputs")
         if src_ref.shape[0] != batch:
             raise ValueError(f"sources[{j}] has batch size {src_ref.shape[0]}, the base inputs {batch}: a "
                              "source run pairs row by row with the base batch")

@@ -25,6 +25,9 @@ from .anatomy import (
     QUERY_NAMES,
     UP_PROJECTION_NAMES,
     VALUE_NAMES,
+    FusedSlice,
+    Site,
+    StructureError,
     arch_name,
     config_int,
     feature_sizes,
@@ -36,7 +39,6 @@ from .anatomy import (
     num_layers,
     text_config,
 )
-from .sites import FusedSlice, Site, StructureError
 
 __all__ = ["COMPONENTS", "HEAD_COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",
            "num_layers", "hidden_size", "resolve_site"]
@@ -89,6 +91,28 @@ def _submodule(model: nn.Module, path: str, spec: str) -> nn.Module:
     return module
 
 
+def _check_runs(module: nn.Module, path: str, spec: str) -> None:
+    """Refuse a module whose forward is ``nn.Module``'s unimplemented one (``ModuleList``, ``ModuleDict``, a
+    bare ``nn.Module`` grouping children): the model never calls it, so its hooks never fire and an
+    intervention there would train parameters with no effect.
+
+    Not detected: a module that has a forward but that the model's forward never calls (an unused
+    sub-module, a head the task does not run). Only running the model shows that, and attaching runs nothing.
+    """
+    if type(module).forward is not nn.Module.forward:
+        return
+    kids = list(module._modules)
+    if kids and all(k.isdigit() for k in kids):
+        hint = f"{path + '.{layer}'!r} with layer=..., or one element such as {path + '.' + kids[0]!r}"
+    elif kids:
+        hint = f"one of its children: {', '.join(repr(path + '.' + k) for k in kids[:6])}"
+    else:
+        hint = "a module the model calls"
+    raise StructureError(
+        f"component={spec!r}: {path!r} is a {type(module).__name__}, a container the model never calls (it has no "
+        f"forward of its own), so a hook there would never run; give {hint}")
+
+
 def _raw_site(model: nn.Module, layer: int | None, spec: str) -> Site:
     path, hook = spec, "output"
     if ":" in spec:
@@ -110,6 +134,7 @@ def _raw_site(model: nn.Module, layer: int | None, spec: str) -> Site:
             raise StructureError(f"component={spec!r} contains '{{layer}}' but layer=None")
         path = path.replace("{layer}", str(layer))
     module = _submodule(model, path, spec)
+    _check_runs(module, path, spec)
     if isinstance(module, nn.Embedding) and hook == "input":
         raise StructureError(f"component={spec!r}: an embedding's input is token ids, which have "
                              "no feature dimension to intervene on; use ':output'")
@@ -225,6 +250,14 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
     optional ``{layer}`` placeholder and ``:input``/``:output`` suffix (default
     output), e.g. ``"model.layers.{layer}.mlp.down_proj:input"``.
     """
+    site = _resolve(model, layer, component, heads)
+    if "." not in component:  # a raw path was checked as it was walked
+        _check_runs(model.get_submodule(site.module_path), site.module_path, component)
+    return site
+
+
+def _resolve(model: nn.Module, layer: int | None, component: str,
+             heads: list[int] | tuple[int, ...] | None) -> Site:
     if not isinstance(component, str):
         raise StructureError(f"component={component!r} must be a str")
     if "." in component:

@@ -72,3 +72,47 @@ def patching_case():
         return out.logits[torch.arange(2), -1, target]
 
     return model, clean, corrupt, metric
+
+
+# -- hypothesis profiles and the fuzz suite's outcome counts (tests/test_fuzz.py) -------------------------------
+from collections import Counter  # noqa: E402 - this section was appended after the tiny-model helpers
+
+#: "family/outcome" -> count, filled by tests/test_fuzz.py; printed at the end of the session and written as JSON
+#: to the path in REFTKIT_FUZZ_REPORT when that is set (shrinking re-runs count too)
+FUZZ_OUTCOMES: Counter[str] = Counter()
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the test extras bring it; without them only tests/test_fuzz.py cannot run
+    pass
+else:
+    _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    # ci (the default): few examples, no deadline (2 slow shared cores), derandomized so every CI run draws the same
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=_SLOW_OK, print_blob=True)
+    # a long local run: pytest tests/test_fuzz.py --hypothesis-profile=long (random seed each run)
+    settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK,
+                              print_blob=True)
+    settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FUZZ_OUTCOMES:
+        return
+    import json
+    import os
+
+    def total(outcome: str) -> int:
+        return sum(n for key, n in FUZZ_OUTCOMES.items() if key.endswith("/" + outcome))
+
+    line = (f"reftkit fuzz: {sum(FUZZ_OUTCOMES.values())} fuzzed inputs, {total('works')} worked and matched the "
+            f"reference, {total('clear error')} clear errors, {total('crash')} crashes, "
+            f"{total('silent change')} silent changes")
+    terminalreporter.write_sep("-", "reftkit fuzz outcomes")
+    for key in sorted(FUZZ_OUTCOMES):
+        terminalreporter.write_line(f"  {key}: {FUZZ_OUTCOMES[key]}")
+    terminalreporter.write_line(line)
+    path = os.environ.get("REFTKIT_FUZZ_REPORT")
+    if path:
+        with open(path, "w") as handle:
+            json.dump({"summary": line, "outcomes": dict(sorted(FUZZ_OUTCOMES.items()))}, handle, indent=2)

@@ -29,6 +29,7 @@ from torch import nn
 
 from reftkit.pyreft_import import (
     PyreftWeights,
+    attach_or_undo,
     install_pyreft_weights,
     read_pyreft_config,
     read_pyreft_state,
@@ -69,8 +70,13 @@ def pyreft_state(iv: PyreftSurface) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {"embed_dim": width, "interchange_dim": width.clone()}
     if hasattr(iv, "rotation"):
         rotation = iv.rotation().detach().cpu()
+        collapsed = list(getattr(iv.rotation, "collapsed_columns", ()))
+        if collapsed:  # complete R's zero columns in base; a 0 on original's diagonal zeroes them in pyreft's map
+            rotation[:, collapsed] = _completed_basis(rotation[:, [j for j in range(rotation.shape[1])
+                                                                   if j not in collapsed]])[:, -len(collapsed):]
         original = torch.zeros_like(rotation)
         original.diagonal().fill_(-1.0)
+        original.diagonal()[collapsed] = 0.0
         state["rotate_layer.parametrizations.weight.original"] = original
         state["rotate_layer.parametrizations.weight.0.base"] = _completed_basis(rotation)
     if name in ("ConsreftIntervention", "LobireftIntervention"):
@@ -128,11 +134,23 @@ def _read_folder(folder: Path) -> tuple[list[dict[str, Any]], list[PyreftWeights
     config_file, reps, types, keys = read_pyreft_config(folder)
     entries, loaded = [], []
     for i, (rep, text, key) in enumerate(zip(reps, types, keys)):
-        fields = dict(zip(REPRESENTATION_FIELDS, rep)) if isinstance(rep, list) else dict(rep)
+        if isinstance(rep, list):
+            fields = dict(zip(REPRESENTATION_FIELDS, rep))
+        elif isinstance(rep, dict):
+            fields = dict(rep)
+        else:
+            raise LoadError(f"{config_file}: representations[{i}]={rep!r:.80} is not a pyvene RepresentationConfig "
+                            f"(a list of up to {len(REPRESENTATION_FIELDS)} fields)")
         cls = _resolve_class(text, i, config_file)
         weights = read_pyreft_weights(folder, key, pyreft_base_class(cls), i)
+        arguments = dict(weights.arguments)
+        collapsed = arguments.pop("collapsed_columns", [])
+        intervention = cls(**arguments)
+        if collapsed:
+            # pyreft's constructors have no such argument; set it where build() reads it, before materialising
+            intervention.hparams["collapsed_columns"] = list(collapsed)
         entries.append({f: fields.get(f) for f in ("layer", "component", "unit", "max_number_of_units")}
-                       | {"intervention": cls(**weights.arguments)})
+                       | {"intervention": intervention})
         loaded.append(weights)
     return entries, loaded, list(keys)
 
@@ -146,14 +164,14 @@ def _load_states(reft: Any, weights: list[PyreftWeights], folder: Path, include_
 def load_pyreft_folder(build: type, directory: str | Path, model: nn.Module, include_model: bool = False) -> Any:
     """Rebuild the pyreft save in ``directory`` on ``model`` with ``build`` (reftkit.pyreft's ReftModel)."""
     folder = Path(directory)
-    entries, states, _ = _read_folder(folder)
-    reft = build(ReftConfig(representations=entries), model)
     try:
-        _load_states(reft, states, folder, include_model)
+        entries, states, _ = _read_folder(folder)
     except LoadError:
-        reft.detach()
         raise
-    return reft
+    except Exception as err:  # noqa: BLE001 - a malformed folder fails by its file's name, whatever breaks
+        raise LoadError(f"{folder / 'config.json'}: {type(err).__name__}: {err}") from err
+    return attach_or_undo(lambda: build(ReftConfig(representations=entries), model), folder / "config.json",
+                          lambda reft: _load_states(reft, states, folder, include_model))
 
 
 def load_into(reft: Any, directory: str | Path, include_model: bool = True) -> None:

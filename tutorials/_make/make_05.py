@@ -105,12 +105,14 @@ else:
     print("benchmarks/compare_1k.csv not found (an installed reftkit has no benchmarks folder)")"""),
 md("""## What the two runs show
 
-* **At 16 steps (this notebook's run)** full fine-tuning leads (ROUGE-L 18.4), then LoReFT (16.3) and LoRA
-  (16.1), then DiReFT and SVF (14.2 each), against the base model's 10.0; IA3 (12.3) and P-tuning (11.4)
-  have barely moved and prompt tuning (9.9) not at all. Prefix tuning and P-Tuning v2 score exactly the
-  same (ROUGE-L 9.78, BLEU-4 0.56) although they trained to different losses (3.17 and 5.44): two different
-  prefixes giving identical answers points at how peft's prefix methods generate here, not at their
-  quality — not yet explained, so do not read those two rows as results.
+* **At 16 steps (this notebook's run)** prefix tuning (ROUGE-L 18.5) and full fine-tuning (18.4) lead,
+  then LoReFT (16.3) and LoRA (16.1), then DiReFT and SVF (14.2 each), against the base model's 10.0; IA3
+  (12.3), P-tuning (11.6) and prompt tuning (11.2) have moved a little. P-Tuning v2 falls below the base
+  (5.0): without a re-parametrisation its prefix at every layer is still at a high loss (5.44) after 16
+  steps, and its answers derail. An earlier version of this table showed prefix tuning and P-Tuning v2
+  scoring identically: with transformers 5.24, peft 0.21's `generate` silently dropped the prefix (the
+  cache argument was renamed), so both generated the base model's answers. reftkit now hands the prefix to
+  `generate` itself and raises if it is not used (`tests/test_prefix_generation.py`).
 * **At one full epoch (1,000 examples, the table above)** every method lifts ROUGE-L from 10.1 to between
   16.7 and 20.0. LoReFT reaches 19.5 with 13,836 parameters (0.010 % of the model) — LoRA's 18.6 needs
   2.4 M, full fine-tuning's 19.6 needs all 134.5 M and a 513 MB checkpoint against LoReFT's 55 KB. IA3 and

@@ -22,7 +22,6 @@ a key holding a path separator is refused before any file is opened.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 from reftkit.interventions import PYREFT_NAMES, InterventionError
 
 from .config import ConfigError
-from .serialization import Build, LoadError, check_and_load, check_finite
+from .serialization import Build, LoadError, check_and_load, check_finite, read_json_object
 
 _CLASS = re.compile(r"<class '([\w.]+)'>")
 #: the fields of pyvene's RepresentationConfig namedtuple (0.1.8), the order of a saved representation list
@@ -229,14 +228,7 @@ def read_pyreft_config(folder: Path) -> tuple[Path, list, list, list]:
     """``config.json`` of a pyreft save folder: its path, ``representations``, ``intervention_types`` and
     ``sorted_keys``, checked to be lists of one length, the keys to be plain file-name parts."""
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise LoadError(f"{config_file} is missing; is {folder} a folder saved by pyreft (or reftkit.pyreft)?")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise LoadError(f"{config_file} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise LoadError(f"{config_file}: the top level must be a JSON object, not {type(config).__name__}")
+    config = read_json_object(config_file, "a folder saved by pyreft (or reftkit.pyreft)")
     for field in ("representations", "intervention_types", "sorted_keys"):
         if field not in config:
             raise LoadError(f"{config_file}: field {field!r} is missing; this is not a pyreft 0.1.0 config")

@@ -67,17 +67,23 @@ def save_reft(reft: nn.Module, path: str | Path) -> Path:
     return folder
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    folder = Path(path)
-    config_file = folder / CONFIG_NAME
+def read_json_object(config_file: Path, kind: str) -> dict[str, Any]:
+    """A save folder's ``config.json`` as a dict; ``LoadError`` naming the file when it is missing, not JSON, or
+    not a JSON object (``kind`` says what folder was expected, for the first)."""
     if not config_file.is_file():
-        raise LoadError(f"{config_file} is missing; is {folder} a reftkit save folder?")
+        raise LoadError(f"{config_file} is missing; is {config_file.parent} {kind}?")
     try:
         config = json.loads(config_file.read_text())
     except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LoadError(f"{config_file} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise LoadError(f"{config_file}: the top level must be a JSON object, not {type(config).__name__}")
+    return config
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    config_file = Path(path) / CONFIG_NAME
+    config = read_json_object(config_file, "a reftkit save folder")
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise LoadError(f"{config_file}: format_version={version!r} must be an int")

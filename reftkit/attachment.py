@@ -17,14 +17,14 @@ from torch import nn
 
 from reftkit.interventions import InterventionError
 
-from .anatomy import StructureError
+from .anatomy import StructureError, find_layers
 from .config import ConfigError, ReftConfig
 from .hooks import Slot
 from .positions import PositionSpec, split_untied
 from .structure import resolve_site
 
-__all__ = ["BaseState", "base_device", "base_state", "build_slots", "hold_base", "intervention_key", "release_base",
-           "restore_base"]
+__all__ = ["BaseState", "base_device", "base_state", "build_slots", "check_quantized", "hold_base", "intervention_key",
+           "is_quantized", "release_base", "restore_base"]
 
 
 def intervention_key(layer: int | None, component: str) -> str:
@@ -75,7 +75,120 @@ def build_slots(model: nn.Module, config: ReftConfig, interventions: nn.ModuleDi
                                   task=rep.task))
                 specs.append(part_spec)
                 tasks.append(rep.task)
+    if any(p.requires_grad for p in interventions.parameters()):
+        check_quantized(model, slots)
     return slots, specs, tasks
+
+
+# ----------------------------------------------------------------------------- quantized bases
+
+#: bitsandbytes' quantized linear classes, matched by name so bitsandbytes is never imported for the check
+_BNB_LINEARS = ("Linear4bit", "LinearFP4", "LinearNF4", "Linear8bitLt")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` holds a quantized weight directly: a torchao tensor subclass, an integer-typed weight,
+    or a bitsandbytes quantized linear class. Embeddings are not counted: their input is token ids, below any
+    intervention."""
+    if isinstance(module, nn.Embedding):
+        return False
+    if type(module).__name__ in _BNB_LINEARS or type(module).__module__.startswith("bitsandbytes"):
+        return True
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    return type(weight).__module__.startswith(("torchao", "bitsandbytes")) or not (
+        weight.is_floating_point() or weight.is_complex())
+
+
+def _above(model: nn.Module, slots: list[Slot]) -> list[tuple[str, nn.Module]]:
+    """The modules gradients may pass through on their way to an intervention: all but those inside the decoder
+    layers below the lowest intervened one (conservative within that layer: its parts below the site count)."""
+    layers = [s.site.layer for s in slots]
+    lowest = 0 if any(layer is None for layer in layers) else min(layers, default=0)
+    try:
+        stack_path, stack = find_layers(model)
+    except StructureError:
+        stack_path, stack = "", []
+    below = {f"{stack_path}.{i}" if stack_path else str(i) for i in range(min(lowest, len(stack)))}
+    out = []
+    for path, module in model.named_modules():
+        if not any(path == b or path.startswith(b + ".") for b in below):
+            out.append((path, module))
+    return out
+
+
+def _probe(module: nn.Module) -> str | None:
+    """Why gradients through ``module`` would not be exact, or ``None`` when they are.
+
+    A frozen weight-quantized linear layer is affine in its input, so its exact input gradient satisfies
+    ``<grad_x, v> == <r, f(v) - f(0)>`` for an upstream gradient ``r`` and any direction ``v``; this checks that
+    identity on random rows against the layer's own forward (no dequantization: it holds for any backend). A
+    backward that is missing, zero or detached fails it, and so does a layer that quantizes its activations (its
+    forward is not affine, and its autograd gradient is not the gradient of what it computes)."""
+    width = getattr(module, "in_features", None)
+    weight = getattr(module, "weight", None)
+    if width is None and isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor):
+        width = weight.shape[-1]
+    if not isinstance(width, int):
+        return "reftkit cannot tell its input width (no in_features), so it cannot check its gradient"
+    dtype = getattr(module, "compute_dtype", None) or (weight.dtype if isinstance(weight, torch.Tensor) else None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x, v = (torch.randn(2, width, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    try:
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            y = module.forward(xg)  # not __call__: another ReftModel's hooks on it are no concern here
+            if not isinstance(y, torch.Tensor) or not y.requires_grad:
+                return "its output is detached from its input (no autograd path)"
+            r = torch.randn(y.shape, generator=gen).to(device=device, dtype=y.dtype)
+            (grad,) = torch.autograd.grad(y, xg, r, allow_unused=True)
+        if grad is None:
+            return "its output has no gradient with respect to its input"
+        with torch.no_grad():
+            change = (module.forward(v) - module.forward(torch.zeros_like(v))).double()
+    except Exception as err:  # noqa: BLE001 - any failure of the probe means reftkit cannot vouch for the gradient
+        return f"probing its gradient failed ({type(err).__name__}: {err})"
+    got = (grad.double() * v.double()).sum()
+    want = (r.double() * change).sum()
+    scale = (r.double() * change).abs().sum()
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    if not bool(torch.isfinite(got)) or not bool(torch.isfinite(want)) or abs(float(got - want)) > tol * float(scale):
+        return (f"its input gradient is not the gradient of its forward (<grad, v> = {float(got):.6g}, the forward's "
+                f"own change gives {float(want):.6g}); an activation-quantizing or non-differentiable kernel does that")
+    return None
+
+
+def check_quantized(model: nn.Module, slots: list[Slot]) -> None:
+    """Refuse, at attach time, a quantized layer that gradients must pass through but cannot exactly.
+
+    Weight-only quantized linear layers whose forward is differentiable in its input (torchao's int8 weight-only
+    ``Int8Tensor`` and ``IntxUnpackedToInt8Tensor``; bitsandbytes' 4-/8-bit linears, whose matmul functions define
+    the input gradient) pass as they are: the base stays frozen, so no weight gradient is needed. Each distinct
+    (layer class, weight class, dtype) is probed once by ``_probe``. Layers below the lowest intervened layer
+    are not checked: no gradient reaches them. A meta-device model is not probed (it cannot run)."""
+    verdicts: dict[tuple, str | None] = {}
+    for path, module in _above(model, slots):
+        if not is_quantized(module):
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+            continue
+        act = getattr(weight, "act_quant_kwargs", None)
+        key = (type(module), type(weight), getattr(weight, "dtype", None), type(act), repr(act))
+        if key not in verdicts:
+            verdicts[key] = _probe(module)
+        why = verdicts[key]
+        if why is not None:
+            raise StructureError(
+                f"quantized layer {path!r} ({type(module).__name__}, weight type {type(weight).__name__}) is at or "
+                "above the lowest intervened layer, so gradients may need to pass through it, and reftkit cannot "
+                f"pass them through it exactly: {why}. "
+                "Quantize with a weight-only scheme (torchao Int8WeightOnlyConfig / IntxWeightOnlyConfig, "
+                "bitsandbytes 4-bit or 8-bit), leave this layer unquantized (torchao quantize_(..., filter_fn=...)), "
+                "or intervene above it")
 
 
 class BaseState:

@@ -340,13 +340,8 @@ def refuse_misspelt_generate_kwargs(model: Any, kwargs: Mapping[str, Any]) -> No
     known = set(names) | set(vars(config) if config is not None else ()) | {"generation_config"}
     if generate is not None:
         known |= _named_and_var(generate)[0]
-    bad = []
-    for key in kwargs:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(key, OWN_CALL_INPUTS, n=1, cutoff=0.75)
-        if close:
-            bad.append(f"{key!r} (did you mean {close[0]}=?)")
+    hints = {key: suggest(key, OWN_CALL_INPUTS) for key in kwargs if key not in known}
+    bad = [f"{key!r}{hint}" for key, hint in hints.items() if hint]
     if bad:
         raise TypeError(f"generate() got unexpected keyword argument{'s' if len(bad) > 1 else ''} {'; '.join(bad)}: "
                         f"reftkit's per-call inputs are {list(OWN_CALL_INPUTS)}; passed on, it would be ignored")

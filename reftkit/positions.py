@@ -94,7 +94,7 @@ def split_untied(spec: PositionSpec) -> tuple[PositionSpec, PositionSpec] | None
 
 def check_attention_mask(attention_mask: object, batch: int, length: int, what: str = "attention_mask",
                          ref: str = "input_ids", cached: bool = False) -> None:
-    """Refuse a mask that cannot describe the inputs' tokens: not a tensor, or a 2-D mask of another shape
+    """Refuse a mask that cannot describe the inputs' tokens: not a tensor, not 2-D or 4-D, or of another shape
     (a wrong length would put positions on the wrong tokens or fail inside a hook). ``cached``: the call
     continues from a KV cache, whose mask covers the cached tokens too, so it may be longer."""
     if attention_mask is None:
@@ -110,9 +110,8 @@ def check_attention_mask(attention_mask: object, batch: int, length: int, what: 
     if attention_mask.dim() != 2:
         raise PositionError(f"{what} has shape {tuple(attention_mask.shape)}; pass a 2-D mask of shape "
                             f"[{batch}, {length}] (1 = real token, 0 = padding), the shape of {ref}")
-    longer = cached and attention_mask.dim() == 2 and attention_mask.shape[0] == batch \
-        and attention_mask.shape[1] >= length
-    if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch, length) and not longer:
+    longer = cached and attention_mask.shape[0] == batch and attention_mask.shape[1] >= length
+    if tuple(attention_mask.shape) != (batch, length) and not longer:
         raise PositionError(f"{what} has shape {tuple(attention_mask.shape)} but {ref} has shape "
                             f"{(batch, length)}; they must match (one mask entry per token)")
 

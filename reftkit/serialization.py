@@ -176,7 +176,6 @@ def load_reft(model: nn.Module, path: str | Path, build: Build, verify_weights: 
         saved_keys = _saved_keys(config, config_file)
         reft_config = ReftConfig.from_dict(config)
         tensors = read_weights(folder, config, verify=verify_weights)
-        check_finite(tensors, str(folder / WEIGHTS_NAME))
         reft = build(model, reft_config)
         if saved_keys and saved_keys != list(reft.interventions):
             raise LoadError(f"{config_file}: interventions {saved_keys} were saved, this model builds "

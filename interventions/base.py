@@ -134,6 +134,8 @@ class Intervention(nn.Module):
     uses_subspaces: ClassVar[bool] = False
     #: the hook manager records the rows this intervention sees (``reftkit.interventions.Collect``)
     collects: ClassVar[bool] = False
+    # Optional: a classmethod ``routed(members, h, which)`` applying ``members[which[b]]`` to row ``b`` of ``h`` in
+    # one op (mixed-task batches; ``which[b] == len(members)``: unchanged). Looked up on the exact class only.
     #: how experts of this class combine (``reftkit.experts``): ``"outputs"`` mixes their edits,
     #: ``h + Σ α_k (f_k(h) − h)``, which is meaningful for any intervention; ``"parameters"`` averages
     #: the weights, ``θ = Σ α_k θ_k``, offered only where the output is linear in the parameters and the

@@ -50,6 +50,14 @@ class IA3(Intervention):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return (h.float() * self.scale).to(h.dtype)
 
+    @classmethod
+    def routed(cls, members: list["IA3"], h: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """Row ``b`` of ``h`` by ``members[which[b]]`` (``which[b] == len(members)``: unchanged), in one product:
+        ``l_{which[b]} ⊙ h_b``. A mixed-task batch's hooks use it instead of one call per task."""
+        scales = torch.stack([m.scale for m in members] + [torch.ones_like(members[0].scale)])
+        per_row = scales[which].view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1])
+        return (h.float() * per_row).to(h.dtype)
+
 
 FAMILY: tuple[type[Intervention], ...] = (IA3,)
 ALIASES: dict[str, type[Intervention]] = {"IA3Intervention": IA3}

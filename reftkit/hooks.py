@@ -7,11 +7,12 @@ the decode steps of ``generate``) returns its input untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .positions import edit_rows, gather_rows, known_all_valid
 from .structure import Site
 
 
@@ -108,6 +109,20 @@ class CallState:
                                                 dtype=torch.long, device=self.locations.device)
         return self._row_index[key]
 
+    def member_rows(self, slots: list[int], batch: int) -> torch.Tensor:
+        """For each row of a ``batch``-row hidden state, the place in ``slots`` of the routed slot acting on it
+        (``len(slots)`` for rows none of them acts on), built once per call."""
+        key = ("member", tuple(slots), batch)
+        if key not in self._row_index:
+            which = [len(slots)] * self.locations.shape[0]
+            for place, slot in enumerate(slots):
+                for row in self.routed[slot]:
+                    which[row] = place
+            repeat = batch // self.locations.shape[0]
+            self._row_index[key] = torch.tensor([w for w in which for _ in range(repeat)], dtype=torch.long,
+                                                device=self.locations.device)
+        return self._row_index[key]
+
     def rows_outside(self, slots: list[int], batch: int) -> torch.Tensor:
         """The rows none of ``slots`` acts on (all routed slots), as an index tensor."""
         taken = {r for k in slots for r in self.routed[k]}
@@ -139,44 +154,6 @@ def _graph_task_id() -> int:
     """The autograd engine's current graph task (>= 0 inside a backward pass, -1 outside)."""
     probe = getattr(torch._C, "_current_graph_task_id", None)
     return 0 if probe is None else probe()  # without the probe, a kept state stays usable (older behaviour)
-
-
-def known_all_valid(valid: torch.Tensor) -> bool:
-    """Whether every slot of ``valid`` is filled, where that answer is free: on CPU, in eager mode.
-
-    ``edit_rows``'s fast path needs it on the host. On an accelerator reading it is a device sync per
-    call, and inside ``torch.compile`` a graph break (a host read of a traced tensor), so both take the
-    masked path instead, which is correct for any mask."""
-    return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
-
-
-def gather_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``h[b, idx[b, p]]`` as ``[B, P, W]``; -1 slots read token 0 (their rows are never used)."""
-    gidx = idx.clamp_min(0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
-    return h.gather(1, gidx)
-
-
-def edit_rows(h: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool,
-              fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Return ``h`` (``[B, T, D]``) with ``fn`` applied to the rows ``idx`` (``[B, P]``), out of place."""
-    width = h.shape[-1]
-    if all_valid:
-        gidx = idx.unsqueeze(-1).expand(-1, -1, width)
-        return h.scatter(1, gidx, fn(h.gather(1, gidx)))
-    slots = torch.arange(idx.shape[1], device=idx.device)
-    any_valid = valid.any(1, keepdim=True)
-    first = valid.to(torch.uint8).argmax(1, keepdim=True)  # first valid slot; 0 when none
-    safe = torch.where(valid, idx, idx.gather(1, first).clamp_min(0))
-    gidx = safe.unsqueeze(-1).expand(-1, -1, width)
-    rows = h.gather(1, gidx)
-    value = torch.where(any_valid.unsqueeze(-1), fn(rows), rows)
-    # Empty slots point at the example's first valid token and write a detached copy of its value:
-    # scatter then never sees two different values for one index, and the gradient reaches each
-    # written token exactly once (through its "primary" slot).
-    primary = valid | ((slots == 0) & ~any_valid)
-    source = torch.where(valid, slots, first).unsqueeze(-1).expand(-1, -1, width)
-    value = torch.where(primary.unsqueeze(-1), value, value.detach().gather(1, source))
-    return h.scatter(1, gidx, value)
 
 
 class HookManager:
@@ -351,11 +328,22 @@ class HookManager:
         members = [(slot, r) for slot, r in zip(unit, rows) if r.numel()]
         if not members:
             return part
+        each_on_its_rows = self._stacked(members, batch) or self._one_by_one(members, batch)
+        if state.decoding:
+            return each_on_its_rows(part)
+        # each row keeps the positions of the one slot routed to it (the others are -1 there)
+        idx = torch.stack([state.rows_for(slot.index, batch)[0] for slot, _ in members]).amax(0)
+        valid = idx >= 0
+        return edit_rows(part, idx, valid, known_all_valid(valid), each_on_its_rows)
+
+    def _one_by_one(self, members: list[tuple[Slot, torch.Tensor]], batch: int):
+        """``rows -> rows'`` applying each member to its own rows (gathered, edited, put back in order)."""
+        state = self.state
         rest = state.rows_outside([slot.index for slot, _ in members], batch)
         order = torch.cat([r for _, r in members] + [rest])
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
 
-        def each_on_its_rows(found: torch.Tensor) -> torch.Tensor:
+        def apply(found: torch.Tensor) -> torch.Tensor:
             pieces = []
             for slot, r in members:
                 source = self._source(slot)
@@ -365,13 +353,27 @@ class HookManager:
                 pieces.append(fn(found.index_select(0, r)).to(found.dtype))
             pieces.append(found.index_select(0, rest))
             return torch.cat(pieces).index_select(0, inverse)
+        return apply
 
-        if state.decoding:
-            return each_on_its_rows(part)
-        # each row keeps the positions of the one slot routed to it (the others are -1 there)
-        idx = torch.stack([state.rows_for(slot.index, batch)[0] for slot, _ in members]).amax(0)
-        valid = idx >= 0
-        return edit_rows(part, idx, valid, known_all_valid(valid), each_on_its_rows)
+    def _stacked(self, members: list[tuple[Slot, torch.Tensor]], batch: int):
+        """``rows -> rows'``: each member on its own rows in one op (its class's ``routed``), or None."""
+        first = members[0][0].intervention
+        # looked up on the class itself, not inherited: a subclass may change the formula
+        routed = getattr(type(first), "routed") if "routed" in type(first).__dict__ else None
+        if routed is None or any(type(slot.intervention) is not type(first) or slot.site.heads is not None
+                                 or slot.intervention.uses_source or slot.index in self.state.subspaces
+                                 for slot, _ in members):
+            return None
+        interventions = [slot.intervention for slot, _ in members]
+        which = self.state.member_rows([slot.index for slot, _ in members], batch)
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            device = rows.device.type
+            if torch.is_autocast_enabled(device):  # float32 arithmetic, as in _call
+                with torch.autocast(device, enabled=False):
+                    return routed(interventions, rows, which).to(rows.dtype)
+            return routed(interventions, rows, which).to(rows.dtype)
+        return apply
 
     def _output_hook(self, units: list[list[Slot]]):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:

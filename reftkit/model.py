@@ -102,6 +102,12 @@ class ReftModel(nn.Module):
         state.subspaces = subspace_masks(self._hooks.slots, subspaces, ref.shape[0], ref.device)
         return state
 
+    def resolve_locations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          intervention_locations: Any = None) -> torch.Tensor:
+        """Where a call with these inputs intervenes: ``[B, K, P]`` token indices, -1 = empty, K in the order of
+        :attr:`intervention_locations_order` (given locations validated and broadcast, else the config's)."""
+        return self._locations(input_ids, attention_mask, intervention_locations)
+
     def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
         """Each intervention's positions (from the config) inside prompts of the given lengths,
         counted from 0: ``[N, K, P]``, -1 = empty. Data modules store these with the examples, so

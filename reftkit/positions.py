@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -263,3 +264,42 @@ def check_locations(locations: object, batch: int, length: int, count: int,
         b, k, p = (int(i) for i in twice.nonzero()[0])
         raise PositionError(f"{what}[{b}, {k}] lists token {int(ordered[b, k, p])} twice")
     return locations
+
+
+# -- editing the rows at located positions (the hooks' gather / scatter) ---------------------------
+def known_all_valid(valid: torch.Tensor) -> bool:
+    """Whether every slot of ``valid`` is filled, where that answer is free: on CPU, in eager mode.
+
+    ``edit_rows``'s fast path needs it on the host. On an accelerator reading it is a device sync per
+    call, and inside ``torch.compile`` a graph break (a host read of a traced tensor), so both take the
+    masked path instead, which is correct for any mask."""
+    return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
+
+
+def gather_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``h[b, idx[b, p]]`` as ``[B, P, W]``; -1 slots read token 0 (their rows are never used)."""
+    gidx = idx.clamp_min(0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+    return h.gather(1, gidx)
+
+
+def edit_rows(h: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool,
+              fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Return ``h`` (``[B, T, D]``) with ``fn`` applied to the rows ``idx`` (``[B, P]``), out of place."""
+    width = h.shape[-1]
+    if all_valid:
+        gidx = idx.unsqueeze(-1).expand(-1, -1, width)
+        return h.scatter(1, gidx, fn(h.gather(1, gidx)))
+    slots = torch.arange(idx.shape[1], device=idx.device)
+    any_valid = valid.any(1, keepdim=True)
+    first = valid.to(torch.uint8).argmax(1, keepdim=True)  # first valid slot; 0 when none
+    safe = torch.where(valid, idx, idx.gather(1, first).clamp_min(0))
+    gidx = safe.unsqueeze(-1).expand(-1, -1, width)
+    rows = h.gather(1, gidx)
+    value = torch.where(any_valid.unsqueeze(-1), fn(rows), rows)
+    # Empty slots point at the example's first valid token and write a detached copy of its value:
+    # scatter then never sees two different values for one index, and the gradient reaches each
+    # written token exactly once (through its "primary" slot).
+    primary = valid | ((slots == 0) & ~any_valid)
+    source = torch.where(valid, slots, first).unsqueeze(-1).expand(-1, -1, width)
+    value = torch.where(primary.unsqueeze(-1), value, value.detach().gather(1, source))
+    return h.scatter(1, gidx, value)

@@ -15,9 +15,9 @@ from reftkit.anatomy import StructureError
 
 
 def _torchao():
-    """torchao's quantization API, or a skip: torchao is not in the test extras (installed, transformers imports
-    it on every model load and logs warnings about its CUDA kernels, which the demo would show). The refusal
-    tests below need no torchao and always run."""
+    """torchao's quantization API, or a skip: torchao is an extra of its own (``pip install -e .[quantized]``,
+    which CI's ``.ci/run`` does), not in the test extras (installed, transformers imports it on every model load
+    and logs warnings about its CUDA kernels, which the demo would show). The refusal tests need no torchao."""
     return pytest.importorskip("torchao.quantization")
 
 IDS = torch.tensor([[5, 9, 14, 22, 7, 11], [6, 10, 15, 23, 8, 12]])
@@ -220,3 +220,42 @@ def test_smollm2_int8_weight_only_gradients_and_training():
     assert losses[-1] < losses[0], losses
     assert reft.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (2, 18)
     reft.detach()
+
+
+def test_recipe_trains_and_evaluates_on_an_int8_base(tmp_path):
+    """`quantization: int8_weight_only` in a recipe: the base's linear weights are int8 (about a quarter of the
+    float32 bytes), the interventions train (the loss falls) and stay float32, `reftkit eval` rebuilds the same
+    quantized base; an unknown scheme is refused naming the field."""
+    _torchao()
+    import json
+
+    import yaml
+    from test_recipe import _setup
+
+    from reftkit.cli import main
+    from reftkit.cli.recipe import RecipeError
+
+    config = _setup(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    runs = {}
+    for scheme in (None, "int8_weight_only"):
+        settings["quantization"] = scheme
+        settings["output_dir"] = str(tmp_path / f"run_{scheme}")
+        settings["eval"]["before"] = False
+        path = tmp_path / f"config_{scheme}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        assert main(["train", str(path), "--set", "training.num_train_epochs=20"]) == 0
+        runs[scheme] = json.loads((tmp_path / f"run_{scheme}" / "metrics.json").read_text())
+    fp32, int8 = runs[None], runs["int8_weight_only"]
+    assert int8["quantization"] == "int8_weight_only"
+    # embeddings and norms stay float32; the linear layers shrink to int8 plus per-channel scales
+    assert int8["base_weight_mb"] < 0.8 * fp32["base_weight_mb"]
+    curve = [loss for _, loss in int8["loss_curve"]]
+    assert curve[-1] < 0.8 * curve[0]
+    assert abs(curve[0] - fp32["loss_curve"][0][1]) < 0.05 * fp32["loss_curve"][0][1]  # the same function, nearly
+    assert "train_peak_rss_mb" in int8
+    assert main(["eval", str(path), "--interventions", str(tmp_path / "run_int8_weight_only" / "interventions")]) == 0
+    settings["quantization"] = "int3"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(RecipeError, match="quantization='int3'"):
+        main(["train", str(path)])

@@ -84,7 +84,8 @@ def test_classification_recipe_on_minilm(tmp_path):
 
 
 def test_cache_frozen_prefix_in_a_recipe_changes_nothing_but_the_work(tmp_path):
-    """`cache_frozen_prefix: true` (interventions from layer 1 on): the same loss curve as without it."""
+    """`cache_frozen_prefix: true` (interventions from layer 1 on, suffix training off): the same loss curve as
+    without it."""
     config = _setup(tmp_path)
     curves = {}
     for cache in (False, True):
@@ -92,6 +93,7 @@ def test_cache_frozen_prefix_in_a_recipe_changes_nothing_but_the_work(tmp_path):
         settings["representations"][0]["layer"] = [1, 2]
         settings["output_dir"] = str(tmp_path / f"run_{cache}")
         settings["cache_frozen_prefix"] = cache
+        settings["suffix_training"] = False
         settings["eval"]["before"] = False
         path = tmp_path / f"config_{cache}.yaml"
         path.write_text(yaml.safe_dump(settings))
@@ -103,3 +105,33 @@ def test_cache_frozen_prefix_in_a_recipe_changes_nothing_but_the_work(tmp_path):
     assert metrics["prefix_cache"]["hits"] == 8 and metrics["prefix_cache"]["misses"] == 4
     assert len(curves[True]) == 3 and curves[True][0] != curves[True][-1]
     assert curves[True] == pytest.approx(curves[False], rel=1e-5)
+
+
+def test_suffix_training_is_the_recipes_default_and_changes_nothing_but_the_work(tmp_path):
+    """Left out (auto), suffix training takes every batch of a generation recipe; the loss curve equals
+    `suffix_training: false`; a value other than auto/true/false is refused."""
+    config = _setup(tmp_path)
+    curves = {}
+    for suffix in ("auto", False):
+        settings = yaml.safe_load(config.read_text())
+        settings["representations"][0]["layer"] = [1, 2]
+        settings["output_dir"] = str(tmp_path / f"run_{suffix}")
+        settings.pop("suffix_training", None)
+        if suffix is False:
+            settings["suffix_training"] = False
+        settings["eval"]["before"] = False
+        path = tmp_path / f"config_{suffix}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        assert main(["train", str(path), "--set", "training.num_train_epochs=3"]) == 0
+        metrics = json.loads((tmp_path / f"run_{suffix}" / "metrics.json").read_text())
+        curves[suffix] = [loss for _, loss in metrics["loss_curve"]]
+        if suffix == "auto":
+            used = metrics["suffix_training"]
+    assert "suffix_training" not in metrics  # off: no counters
+    assert used["suffix_steps"] == 1 and used["cached_steps"] == 2 and used["full_steps"] == 0
+    assert used["layer"] == 1 and used["prefix_tokens"] > 0
+    assert curves["auto"] == pytest.approx(curves[False], rel=1e-5)
+    settings["suffix_training"] = "sometimes"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ValueError, match="suffix_training='sometimes'"):
+        main(["train", str(path)])

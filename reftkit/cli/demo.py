@@ -148,9 +148,10 @@ def train(reft: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence
             learning_rate=LEARNING_RATE, lr_scheduler_type="linear", weight_decay=0.0, logging_steps=1,
             report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed,
             disable_tqdm=False)
-        # cache_frozen_prefix: after one pass over the data, layers below the first intervened one are not rerun
+        # suffix training (the default): autograd only from the last prompt token on; after one pass over the
+        # data, each prompt's keys/values and the layers below the first intervened one are read from a store
         trainer = ReftTrainer(model=reft, args=args, train_dataset=module["train_dataset"],
-                              data_collator=module["data_collator"], cache_frozen_prefix=True)
+                              data_collator=module["data_collator"])
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_loss_bar())
         start = time.perf_counter()

@@ -66,6 +66,50 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (``VmHWM``), so a later reading covers training only, not the
+    float32 load a quantized base starts from. False where that is impossible (not Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+#: ``quantization:`` values: torchao configs for the base model's linear layers (the interventions stay float32)
+QUANTIZATIONS = ("int8_weight_only", "int4_weight_only")
+
+
+def quantize_base(model: Any, scheme: str | None) -> Any:
+    """Quantize the base model's linear layers in place with torchao (``int8_weight_only``: per-channel int8;
+    ``int4_weight_only``: int4 in groups of 32), or leave it as it is for ``None``."""
+    if scheme is None:
+        return model
+    if scheme not in QUANTIZATIONS:
+        raise RecipeError(f"quantization={scheme!r}; choose one of {QUANTIZATIONS} or leave it out")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+    except ImportError:
+        raise RecipeError(f"quantization={scheme!r} needs torchao: pip install 'reftkit[quantized]'") from None
+    if scheme == "int8_weight_only":
+        config = Int8WeightOnlyConfig()
+    else:  # torchao's Int4WeightOnlyConfig needs CUDA kernels (mslk); the intx layout runs anywhere
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    quantize_(model, config)
+    return model
+
+
 def _score_generation(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data: dict[str, Any],
                       evaluation: dict[str, Any], progress: bool = True) -> tuple[dict[str, float], list[str]]:
     """Greedy answers to the held-out prompts and their scores against the references."""
@@ -96,9 +140,11 @@ def run_train(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     data, evaluation = config["data"], config.get("eval", {})
     task = config.get("task", "generation")
     model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
+    quantize_base(model, config.get("quantization"))
     examples = load_examples(data)
     metrics: dict[str, Any] = {"model": config["model"], "task": task, "n_train": len(examples["train"]),
-                               "n_eval": len(examples["eval"])}
+                               "n_eval": len(examples["eval"]), "quantization": config.get("quantization"),
+                               "base_weight_mb": round(_weight_bytes(model) / 2 ** 20, 1)}
     answers: dict[str, list[str]] = {}
     if task == "generation" and evaluation.get("before", True):
         metrics["before"], answers["before"] = _score_generation(model, tokenizer, examples["eval"], data, evaluation,
@@ -126,19 +172,31 @@ def run_train(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     if cache and task != "generation":
         raise ValueError(f"cache_frozen_prefix={cache!r} serves the causal-LM loss (task: generation), "
                          f"not task={task!r}")
+    suffix = config.get("suffix_training", "auto")
+    if suffix not in ("auto", True, False):
+        raise ValueError(f"suffix_training={suffix!r}: give auto, true or false")
+    if suffix is True and task != "generation":
+        raise ValueError(f"suffix_training=true serves the causal-LM loss (task: generation), not task={task!r}")
     trainer = ReftTrainer(model=trained, args=args, train_dataset=module["train_dataset"],
-                          data_collator=module["data_collator"], **({"cache_frozen_prefix": cache} if cache else {}))
+                          data_collator=module["data_collator"], **({"cache_frozen_prefix": cache} if cache else {}),
+                          **({"suffix_training": suffix} if task == "generation" else {}))
     if not progress:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)   # what transformers prints instead when disable_tqdm is set
+    reset = _reset_peak_rss()
     start = time.perf_counter()
     trainer.train()
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+    peak = _vm_hwm_mb() if reset else None
+    if peak is not None:  # the peak while training only (the load of a quantized base's float32 weights is before)
+        metrics["train_peak_rss_mb"] = round(peak, 1)
     metrics["train_steps"] = trainer.state.global_step
     if trainer.prefix_cache is not None:
         pc = trainer.prefix_cache
         metrics["prefix_cache"] = {"layer": pc.layer, "hits": pc.hits, "misses": pc.misses,
                                    "cached_steps": pc.cached_steps, "bytes": pc.nbytes}
+    if getattr(trainer, "suffix_training", None) is not None:
+        metrics["suffix_training"] = trainer.suffix_training.summary()
     history = trainer.state.log_history
     # runs shorter than logging_steps log no step losses: fall back to the run's mean loss
     metrics["loss_curve"] = [(h["step"], h["loss"]) for h in history if "loss" in h] or \
@@ -186,6 +244,7 @@ def run_eval(config: dict[str, Any], interventions: str | Path | None = None) ->
 
     data, evaluation = config["data"], config.get("eval", {})
     model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
+    quantize_base(model, config.get("quantization"))
     examples = load_examples(data)
     target = model if interventions is None else reftkit.ReftModel.from_pretrained(model, interventions).eval()
     scores, _ = _score_generation(target, tokenizer, examples["eval"], data, evaluation)
@@ -194,3 +253,12 @@ def run_eval(config: dict[str, Any], interventions: str | Path | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes the base model's weights hold (a quantized tensor counts its integer data and scales)."""
+    total = 0
+    for p in model.parameters():
+        inner = [getattr(p, name) for name in getattr(p, "__tensor_flatten__", lambda: ([], None))()[0]]
+        total += sum(t.numel() * t.element_size() for t in inner) if inner else p.numel() * p.element_size()
+    return total

@@ -6,6 +6,7 @@ frozen-prefix cache, distributed support and the classification head.
 * :mod:`~reftkit.training.objectives` — T-Few's unlikelihood and length-normalised losses;
 * :mod:`~reftkit.training.logprobs` — a continuation's per-token log-probabilities given its prompt;
 * :mod:`~reftkit.training.frozen_prefix` — :class:`FrozenPrefixCache`;
+* :mod:`~reftkit.training.suffix` — :class:`SuffixTraining`: autograd only over what the interventions change;
 * :mod:`~reftkit.training.distributed` — which DDP / FSDP setups can train a ReftModel;
 * :mod:`~reftkit.training.classifier` — :class:`ReftForSequenceClassification`.
 
@@ -22,6 +23,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                    "choice_token_logprobs", "multiple_choice_loss", "TFEW_TERMS", "TFEW_WEIGHTS"),
     "logprobs": ("continuation_logprobs", "label_positions", "predicting_states", "ContinuationLogprobs"),
     "frozen_prefix": ("FrozenPrefixCache", "PrefixCacheError"),
+    "suffix": ("SuffixTraining", "SuffixTrainingError"),
     "distributed": ("check_fsdp_plugin", "full_parameters", "loading_into_shards"),
     "classifier": ("ReftForSequenceClassification", "load_interventions", "HEAD_CONFIG", "HEAD_WEIGHTS",
                    "POOLINGS"),

@@ -13,6 +13,7 @@ from reftkit.call_inputs import CALL_INPUTS
 from reftkit.model import ReftModel
 
 from .frozen_prefix import FrozenPrefixCache
+from .suffix import SuffixTraining
 
 __all__ = ["causal_lm_loss"]
 
@@ -20,7 +21,8 @@ __all__ = ["causal_lm_loss"]
 def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None, intervention_locations: torch.Tensor | None = None,
                    num_items_in_batch: torch.Tensor | int | None = None,
-                   prefix_cache: FrozenPrefixCache | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+                   prefix_cache: FrozenPrefixCache | None = None, suffix_training: SuffixTraining | None = None,
+                   **kwargs: Any) -> dict[str, torch.Tensor]:
     """Causal-LM cross entropy of ``reft`` on unshifted ``labels``, with vocabulary logits only for the
     labelled positions: ``hidden[:, :-1]`` rows whose ``labels[:, 1:]`` is not -100 are gathered and
     only they go through the head. Returns ``{"loss", "logits" [N, vocab] of those rows (row-major)}``.
@@ -30,13 +32,24 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
 
     ``prefix_cache``: a :class:`~reftkit.training.frozen_prefix.FrozenPrefixCache` of this ``reft``; batches whose
     examples it holds run only the layers from the earliest intervention on.
+
+    ``suffix_training``: a :class:`~reftkit.training.suffix.SuffixTraining` of this ``reft``; batches it can take
+    run autograd only from each example's first intervened or supervised token (same loss and gradients);
+    the others run as without it (with ``prefix_cache`` when given).
     """
     if labels is None:
         raise ValueError("causal_lm_loss needs labels ([batch, seq], -100 where unsupervised)")
     if prefix_cache is not None and prefix_cache.reft is not reft:
         raise ValueError("prefix_cache was built for another ReftModel; build one per model")
+    if suffix_training is not None and suffix_training.reft is not reft:
+        raise ValueError("suffix_training was built for another ReftModel; build one per model")
     parts = find_backbone_and_head(reft)
     call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}  # e.g. a mixed-task batch's "tasks"
+    if suffix_training is not None:
+        out = suffix_training.loss(input_ids, attention_mask, labels, intervention_locations, num_items_in_batch,
+                                   call, kwargs)
+        if out is not None:
+            return out
     with reft.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"), **call):
         if parts is None:
             # Fallback: the model exposes no (backbone, head) pair we can trust to match its own

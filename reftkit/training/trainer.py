@@ -36,6 +36,7 @@ from .classifier import ReftForSequenceClassification, load_interventions
 from .distributed import check_fsdp_plugin, full_parameters, loading_into_shards
 from .frozen_prefix import FrozenPrefixCache
 from .objectives import TFEW_WEIGHTS, check_loss_terms, multiple_choice_loss
+from .suffix import SuffixTraining, SuffixTrainingError
 
 logger = logging.get_logger(__name__)
 
@@ -88,12 +89,21 @@ class ReftTrainer(Trainer):
     LM batches (``True``: no byte limit; an int: ``max_bytes``), so that epochs after the first run only
     the layers from the earliest intervention on. Evaluation and multiple-choice batches never use it.
     Needs right-padded batches; refused for classifiers, weight-space baselines and FSDP.
+
+    ``suffix_training``: run autograd only from each example's first intervened or supervised token, on a KV
+    cache of the prefix before it, stored per example for later epochs
+    (:class:`~reftkit.training.suffix.SuffixTraining`; same loss and gradients, checked on the first batch).
+    ``"auto"`` (default): on whenever the model allows it, else off with the reason logged; ``True``: required
+    (an error says why it cannot run); ``False``: off; or a ``SuffixTraining`` built with your own byte
+    budget / storage device. Batches it cannot take (left padding, f-positions, ...) run the full path with
+    a warning naming the reason, then ``cache_frozen_prefix`` applies to them.
     """
 
     def __init__(self, model: ReftModel | ReftForSequenceClassification,
                  args: TrainingArguments | None = None, *,
                  loss_terms: dict[str, float] | tuple[str, ...] | list[str] | None = None,
-                 cache_frozen_prefix: bool | int = False, **kwargs: Any) -> None:
+                 cache_frozen_prefix: bool | int = False,
+                 suffix_training: bool | str | SuffixTraining = "auto", **kwargs: Any) -> None:
         if loss_terms is not None and isinstance(model, ReftForSequenceClassification):
             raise ValueError(f"loss_terms={loss_terms!r} weigh T-Few's losses over answer choices of a causal LM; a "
                              "ReftForSequenceClassification trains on its head's cross entropy")
@@ -144,6 +154,7 @@ class ReftTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.prefix_cache = self._build_prefix_cache(model, cache_frozen_prefix)
+        self.suffix_training = self._build_suffix_training(model, suffix_training)
 
     def _build_prefix_cache(self, model: nn.Module, setting: bool | int) -> FrozenPrefixCache | None:
         if setting is False or setting is None:
@@ -157,6 +168,37 @@ class ReftTrainer(Trainer):
         if not isinstance(setting, (bool, int)) or (setting is not True and setting < 0):
             raise ValueError(f"cache_frozen_prefix={setting!r}: give True (no byte limit) or a byte count >= 0")
         return FrozenPrefixCache(model, max_bytes=None if setting is True else int(setting))
+
+    def _build_suffix_training(self, model: nn.Module, setting: bool | str | SuffixTraining
+                               ) -> SuffixTraining | None:
+        if isinstance(setting, SuffixTraining):
+            if setting.reft is not model:
+                raise ValueError("suffix_training was built for another ReftModel; build it on the trained model")
+            required = True
+        elif setting is False or setting is None:
+            return None
+        elif setting is True or setting == "auto":
+            required = setting is True
+        else:
+            raise ValueError(f"suffix_training={setting!r}: give 'auto', True, False or a SuffixTraining")
+        why = None
+        if self.is_classifier or self.is_weight_space:
+            why = f"it serves the causal-LM loss of a ReftModel, not a {type(model).__name__}"
+        elif self.is_fsdp_enabled or self.args.fsdp:
+            why = f"fsdp={self.args.fsdp!r}: sharded layers are gathered by the full forward only"
+        elif getattr(self.args, "activation_checkpointing", False):  # transformers 5 name of gradient_checkpointing
+            why = "activation checkpointing re-runs layers in backward, which would extend the KV cache twice"
+        if why is None and isinstance(setting, SuffixTraining):
+            return setting
+        if why is None:
+            try:
+                return SuffixTraining(model, strict=required)
+            except SuffixTrainingError as err:
+                why = str(err)
+        if required:
+            raise ValueError(f"suffix_training={setting!r} cannot run: {why}")
+        logger.info(f"ReftTrainer: suffix training is off because {why}")
+        return None
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """``Trainer``'s list, less the free matrices of orthonormal bases (``...rotation.raw``): ``R = QR(raw)``
@@ -192,10 +234,12 @@ class ReftTrainer(Trainer):
                 with self.accelerator.autocast():
                     if multiple_choice:
                         return multiple_choice_loss(reft, **kw, weights=self.loss_terms)
-                    return causal_lm_loss(reft, **kw, prefix_cache=cache)
+                    return causal_lm_loss(reft, **kw, prefix_cache=cache, suffix_training=suffix)
 
-            # training LM batches only: evaluation must not fill (or depend on) the cache
-            cache = self.prefix_cache if model.training and torch.is_grad_enabled() else None
+            # training LM batches only: evaluation must not fill (or depend on) the caches
+            training = model.training and torch.is_grad_enabled()
+            cache = self.prefix_cache if training else None
+            suffix = self.suffix_training if training else None
 
             with _forward_replaced(reft, forward):
                 outputs = model(**inputs)

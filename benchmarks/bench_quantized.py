@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(table, args: argparse.Namespace, started: str, load_start, wall: float) -> None:
+    from importlib.metadata import version
+
     import torch
     import transformers
-    from importlib.metadata import version
     from results_md import cpu_model, md_table, write_section
 
     begin, end = "<!-- bench_quantized:BEGIN -->", "<!-- bench_quantized:END -->"

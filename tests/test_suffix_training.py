@@ -154,12 +154,12 @@ def test_falls_back_to_the_full_path_and_says_why(case):
 
 def test_the_exactness_check_catches_a_wrong_function(monkeypatch):
     # a suffix that forgets its prefix (a cache of zeros) computes another function
-    real = suffix_module._left_aligned_cache
+    real = suffix_module.left_aligned_cache
 
     def forgetful(kv, suffix):
         return real(torch.zeros_like(kv), suffix)
 
-    monkeypatch.setattr(suffix_module, "_left_aligned_cache", forgetful)
+    monkeypatch.setattr(suffix_module, "left_aligned_cache", forgetful)
     reft = _reft()
     batch = _batch(reft, 4)
     with pytest.raises(SuffixTrainingError, match="does not reproduce the full forward"):

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from reftkit.anatomy import find_backbone_and_head
 from reftkit.call_inputs import CALL_INPUTS
 from reftkit.model import ReftModel
 
 from .frozen_prefix import FrozenPrefixCache
+from .label_only import label_only_loss
 from .suffix import SuffixTraining
 
 __all__ = ["causal_lm_loss"]
@@ -60,7 +59,7 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
         backbone, head = parts
 
         def label_only(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _label_only_loss(hidden, head, labels, num_items_in_batch)
+            return label_only_loss(hidden, head, labels, num_items_in_batch)
 
         if prefix_cache is not None:
             hidden = prefix_cache.hidden_states(input_ids, attention_mask, score=lambda h: label_only(h)[0],
@@ -69,19 +68,3 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
     loss, logits = label_only(hidden)
     return {"loss": loss, "logits": logits}
-
-
-def _label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                     num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != -100
-    rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
-    logits = head(rows).float()  # HF computes the loss in float32 too
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    if num_items_in_batch is None:
-        loss = loss / keep.sum().clamp_min(1)
-    else:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss, logits

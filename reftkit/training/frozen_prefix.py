@@ -30,11 +30,25 @@ from torch import nn
 from reftkit.anatomy import find_backbone_and_head
 from reftkit.model import ReftModel
 
-__all__ = ["FrozenPrefixCache", "PrefixCacheError"]
+__all__ = ["FrozenPrefixCache", "PrefixCacheError", "dropout_sources"]
 
 # Config fields of functional dropout (no nn.Dropout module to find) that would make the prefix random.
 _DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop", "dropout",
                    "hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout")
+
+
+def dropout_sources(model: nn.Module, skip: nn.Module | None = None) -> list[tuple[str, float]]:
+    """``(name, p)`` of every active dropout of ``model`` outside ``skip``: modules, and functional dropout named by
+    its config (no module to find). A training-mode base with any of them computes a random function."""
+    later = {id(m) for m in skip.modules()} if skip is not None else set()
+    found = [(name, float(m.p)) for name, m in model.named_modules()
+             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in later]
+    config = getattr(model, "config", None)
+    for field in _DROPOUT_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            found.append((f"config.{field}", float(value)))
+    return found
 
 
 class PrefixCacheError(ValueError):
@@ -76,7 +90,7 @@ class FrozenPrefixCache:
         self.layer = self._earliest_layer(layers)
         self._check_frozen()
         # Dropout only matters below L: layers from L on are recomputed at every step anyway.
-        self._prefix_dropouts = self._dropout_sources(layers)
+        self._prefix_dropouts = dropout_sources(reft.model, skip=layers[self.layer:])
         self._check_dropout()
         self._states: dict[tuple[int, bytes], torch.Tensor] = {}
         self.nbytes = 0
@@ -113,17 +127,6 @@ class FrozenPrefixCache:
         if trainable:
             raise PrefixCacheError(f"base-model parameter {trainable[0]!r} has requires_grad=True "
                                    f"({len(trainable)} trainable in all): cached states would go stale as it trains")
-
-    def _dropout_sources(self, layers: nn.ModuleList) -> list[tuple[str, float]]:
-        later = {id(m) for layer in layers[self.layer:] for m in layer.modules()}
-        found = [(name, float(m.p)) for name, m in self.reft.model.named_modules()
-                 if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in later]
-        config = getattr(self.reft.model, "config", None)
-        for field in _DROPOUT_FIELDS:
-            value = getattr(config, field, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                found.append((f"config.{field}", float(value)))
-        return found
 
     def _check_dropout(self) -> None:
         if self.reft.model.training and self._prefix_dropouts:

@@ -34,7 +34,9 @@ from torch import nn
 from reftkit.anatomy import find_backbone_and_head
 from reftkit.model import ReftModel
 
-from .frozen_prefix import _DROPOUT_FIELDS
+from .frozen_prefix import dropout_sources
+from .label_only import label_only_loss
+from .suffix_batch import SuffixBatch, cache_of, left_aligned_cache, stack_cache
 
 __all__ = ["SuffixTraining", "SuffixTrainingError", "DEFAULT_MAX_BYTES"]
 
@@ -97,7 +99,7 @@ class SuffixTraining:
             raise SuffixTrainingError(f"base-model parameter {trainable[0]!r} has requires_grad=True: the prefix "
                                       "runs without autograd, so it would get no gradient")
         self.layer = self._earliest_layer()
-        self._dropouts = self._dropout_sources()
+        self._dropouts = dropout_sources(reft.model)
         self._store: dict[tuple[int, int, bytes], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._shared: dict[tuple[int, bytes], torch.Tensor] = {}
         self.shared_hits = 0
@@ -119,16 +121,6 @@ class SuffixTraining:
         owner = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
         found = [owner.get(id(self.reft.model.get_submodule(s.site.module_path))) for s in self.reft._hooks.slots]
         return 0 if not found or None in found else min(found)
-
-    def _dropout_sources(self) -> list[tuple[str, float]]:
-        found = [(name, float(m.p)) for name, m in self.reft.model.named_modules()
-                 if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-        config = getattr(self.reft.model, "config", None)
-        for field in _DROPOUT_FIELDS:
-            value = getattr(config, field, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                found.append((f"config.{field}", float(value)))
-        return found
 
     def __len__(self) -> int:
         return len(self._store)
@@ -235,14 +227,12 @@ class SuffixTraining:
         cached = found == len(keys)
         mode = "cached" if cached else "suffix"
         rng = _rng_state(input_ids.device)
-        suffix = _Suffix(input_ids, attention_mask, labels, locations, lengths, split)
+        suffix = SuffixBatch(input_ids, attention_mask, labels, locations, lengths, split)
         if cached:
             hidden = self._run_cached(suffix, keys, call)
         else:
             hidden, kv, states = self._run_uncached(suffix, call)
-        from .causal_lm import _label_only_loss  # the loss module imports this one
-
-        loss, logits = _label_only_loss(hidden, self.head, suffix.labels, num_items_in_batch)
+        loss, logits = label_only_loss(hidden, self.head, suffix.labels, num_items_in_batch)
         if not self.verified[mode]:
             problem = self._compare(mode, hidden, loss, suffix, input_ids, attention_mask, labels, locations,
                                     num_items_in_batch, call, rng)
@@ -266,7 +256,7 @@ class SuffixTraining:
         cache = inputs.pop("cache")
         return self.backbone(**inputs, **{self._cache_arg: cache}, use_cache=True)[0]
 
-    def _run_uncached(self, suffix: "_Suffix", call: dict[str, Any]
+    def _run_uncached(self, suffix: SuffixBatch, call: dict[str, Any]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prefix without autograd into a fresh cache, then the suffix on top with the interventions on."""
         from transformers import DynamicCache
@@ -280,13 +270,13 @@ class SuffixTraining:
             else:  # the rows' common start is read; only the rest of each prefix runs
                 start, shared = block
                 batch = suffix.ids.shape[0]
-                prefix_cache = _cache_of([(layer[0].expand(batch, -1, -1, -1), layer[1].expand(batch, -1, -1, -1))
+                prefix_cache = cache_of([(layer[0].expand(batch, -1, -1, -1), layer[1].expand(batch, -1, -1, -1))
                                           for layer in shared[:, :, 0]])
                 if suffix.prefix_ids.shape[1] > start:
                     self._backbone(input_ids=suffix.prefix_ids[:, start:], attention_mask=suffix.prefix_mask,
                                    position_ids=suffix.prefix_positions[:, start:], cache=prefix_cache)
-        kv = _stack_cache(prefix_cache, start=self.layer)
-        cache = _left_aligned_cache(_stack_cache(prefix_cache, start=0), suffix)
+        kv = stack_cache(prefix_cache, start=self.layer)
+        cache = left_aligned_cache(stack_cache(prefix_cache, start=0), suffix)
         seen: list[torch.Tensor] = []
         handle = None
         if self.layer > 0:
@@ -304,7 +294,7 @@ class SuffixTraining:
                 handle.remove()
         return hidden, kv, (seen[0] if seen else None)
 
-    def _shared_block(self, suffix: "_Suffix") -> tuple[int, torch.Tensor] | None:
+    def _shared_block(self, suffix: SuffixBatch) -> tuple[int, torch.Tensor] | None:
         """Keys/values ``[layers, 2, 1, H, c, D]`` of the tokens every row of the batch starts with (a chat
         template's system prompt, an instruction), computed once and kept in the store: ``(c, block)``, or None
         when the rows share fewer than ``MIN_SHARED_TOKENS`` tokens before their splits."""
@@ -320,10 +310,10 @@ class SuffixTraining:
                 if found is not None:
                     self.shared_hits += 1
                     return length, found
-        cache = _cache_of([])
+        cache = cache_of([])
         self._backbone(input_ids=ids[:1, :common], attention_mask=torch.ones_like(ids[:1, :common]),
                        position_ids=suffix.prefix_positions[:1, :common], cache=cache)
-        block = _stack_cache(cache, start=0)[:, :, :, :, :common]
+        block = stack_cache(cache, start=0)[:, :, :, :, :common]
         size = block.numel() * block.element_size()
         if self.max_bytes is None or self.nbytes + size <= self.max_bytes:
             key = (common, hashlib.blake2b(host[:common].tobytes(), digest_size=16).digest())
@@ -331,7 +321,7 @@ class SuffixTraining:
             self.nbytes += size
         return common, block
 
-    def _run_cached(self, suffix: "_Suffix", keys: list[tuple[int, int, bytes]], call: dict[str, Any]
+    def _run_cached(self, suffix: SuffixBatch, keys: list[tuple[int, int, bytes]], call: dict[str, Any]
                     ) -> torch.Tensor:
         """Layers ``L..`` over the suffix, from the stored prefix and (``L > 0``) the stored input of layer ``L``."""
         device = suffix.ids.device
@@ -344,7 +334,7 @@ class SuffixTraining:
         for b, (prefix, _) in enumerate(entries):
             kv[:, :, b, :, prefix_width - prefix.shape[-2]:] = prefix  # left-aligned: it ends where the suffix starts
         filler = torch.zeros(batch, heads, prefix_width, dim, dtype=first.dtype, device=device)
-        cache = _cache_of([(filler, filler)] * self.layer + [(kv[i, 0], kv[i, 1]) for i in range(layers)])
+        cache = cache_of([(filler, filler)] * self.layer + [(kv[i, 0], kv[i, 1]) for i in range(layers)])
         if self.layer == 0:
             with self.reft.intervening(suffix.ids, suffix.full_mask, suffix.locations, cached=True, **call):
                 return self._backbone(input_ids=suffix.ids, attention_mask=suffix.full_mask,
@@ -361,19 +351,17 @@ class SuffixTraining:
         finally:
             self.backbone.layers = all_layers
 
-    def _compare(self, mode: str, hidden: torch.Tensor, loss: torch.Tensor, suffix: "_Suffix",
+    def _compare(self, mode: str, hidden: torch.Tensor, loss: torch.Tensor, suffix: SuffixBatch,
                  input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                  locations: torch.Tensor, num_items_in_batch: Any, call: dict[str, Any],
                  rng: tuple) -> str | None:
         """The full path on the same batch and random stream; a message when it differs beyond float tolerance."""
-        from .causal_lm import _label_only_loss
-
         device = input_ids.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             _set_rng_state(rng, device)
             with torch.no_grad(), self.reft.intervening(input_ids, attention_mask, locations, **call):
                 full = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
-                want = _label_only_loss(full, self.head, labels, num_items_in_batch)[0]
+                want = label_only_loss(full, self.head, labels, num_items_in_batch)[0]
         full_rows = full.gather(1, suffix.index[..., None].expand(-1, -1, full.shape[-1]))[suffix.valid].float()
         got_rows = hidden.detach()[suffix.valid].float()
         h_diff = (full_rows - got_rows).abs().max().item() if got_rows.numel() else 0.0
@@ -398,58 +386,6 @@ class SuffixTraining:
                 "shared_hits": self.shared_hits, "nbytes": self.nbytes, "prefix_tokens": self.prefix_tokens,
                 "suffix_tokens": self.suffix_tokens, "layer": self.layer, "fallbacks": dict(self.fallbacks),
                 "disabled": self.disabled}
-
-
-class _Suffix:
-    """One batch cut at per-example splits ``s``: the prefix ``[B, max s]`` right-padded (run first, without
-    grad), the suffix ``[B, max(n - s)]`` right-padded with its positions, labels and shifted locations, and the
-    mask over ``[prefix left-aligned | suffix]`` that the suffix run attends through."""
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                 locations: torch.Tensor, lengths: torch.Tensor, split: torch.Tensor) -> None:
-        device = input_ids.device
-        batch, width = input_ids.shape
-        self.split, self.lengths = split, lengths
-        prefix_width = max(int(split.max()), 1)
-        suffix_width = int((lengths - split).max())
-        columns = torch.arange(prefix_width, device=device)
-        self.prefix_ids = input_ids[:, :prefix_width]
-        self.prefix_mask = (columns[None] < split[:, None]).long()
-        self.prefix_positions = columns[None].expand(batch, -1)
-        offsets = torch.arange(suffix_width, device=device)
-        self.valid = offsets[None] < (lengths - split)[:, None]
-        self.index = (split[:, None] + offsets[None]).clamp_max(width - 1)
-        self.ids = input_ids.gather(1, self.index)
-        self.positions = torch.minimum(split[:, None] + offsets[None], (lengths - 1).clamp_min(0)[:, None])
-        shifted = labels.to(device).gather(1, self.index)
-        self.labels = torch.where(self.valid, shifted, torch.full_like(shifted, -100))
-        self.locations = torch.where(locations >= 0, locations - split[:, None, None], locations)
-        left = columns[None] >= (prefix_width - split)[:, None]  # the prefix sits right before the suffix
-        self.left = left
-        self.full_mask = torch.cat([left, self.valid], 1).long()
-
-
-def _stack_cache(cache: Any, start: int) -> torch.Tensor:
-    """``[layers - start, 2, B, H, P, D]`` from a filled ``DynamicCache``."""
-    layers = [(layer.keys, layer.values) for layer in cache.layers][start:]
-    return torch.stack([torch.stack(pair) for pair in layers])
-
-
-def _left_aligned_cache(kv: torch.Tensor, suffix: _Suffix) -> Any:
-    """The right-padded prefix keys/values moved so each example's prefix ends at the last column, pads zero."""
-    width = kv.shape[-2]
-    shift = (width - suffix.split)[:, None]
-    source = (torch.arange(width, device=kv.device)[None] - shift).clamp_min(0)  # [B, P]
-    index = source[None, None, :, None, :, None].expand(kv.shape[0], 2, -1, kv.shape[3], -1, kv.shape[5])
-    # where, not a product: an example with an empty prefix ran fully masked rows, which may hold NaN
-    moved = torch.where(suffix.left[None, None, :, None, :, None], kv.gather(4, index), 0)
-    return _cache_of([(moved[i, 0], moved[i, 1]) for i in range(kv.shape[0])])
-
-
-def _cache_of(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=pairs)
 
 
 def _rng_state(device: torch.device) -> tuple:

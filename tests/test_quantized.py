@@ -3,6 +3,7 @@ layers (checked against the same model with its weights dequantized to float32),
 that gradients cannot pass through exactly is refused at attach time, naming it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -259,3 +260,68 @@ def test_recipe_trains_and_evaluates_on_an_int8_base(tmp_path):
     path.write_text(yaml.safe_dump(settings))
     with pytest.raises(RecipeError, match="quantization='int3'"):
         main(["train", str(path)])
+
+
+def _saved_float_weights(model: nn.Module, keep: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+    """Loss, intervention gradients, and how many saved-for-backward tensors have a quantized weight's shape."""
+    from reftkit.training.quantized_linear import keep_quantized_weights
+
+    shapes = {tuple(p.shape) for p in model.parameters() if type(p).__module__.startswith("torchao")}
+    shapes |= {s[::-1] for s in shapes}
+    saved: list[tuple] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and not type(t).__module__.startswith("torchao"):
+            saved.append(tuple(t.shape))
+        return t
+
+    torch.manual_seed(1)
+    reft = reftkit.get_reft_model(model, _config())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with keep_quantized_weights() if keep else contextlib.nullcontext():
+            loss = _loss(reft)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in reft.interventions.named_parameters()}
+    reft.detach()
+    return loss.item(), grads, sum(s in shapes for s in saved)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_backward_keeps_quantized_weights_not_float_copies(scheme):
+    # torchao's own F.linear saves a dequantized float32 weight per layer for backward (more memory than a float
+    # base); keep_quantized_weights saves the quantized one and gives the dequantized reference's gradients
+    model = _quantized_llama(scheme)
+    _, _, copies = _saved_float_weights(model, keep=False)
+    assert copies > 0  # the control: without it, float copies of the weights are kept
+    loss, grads, copies = _saved_float_weights(model, keep=True)
+    assert copies == 0
+    ref_loss, ref_grads = _grads(_dequantized(model))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()), msg=name)
+
+
+def test_trainer_trains_a_quantized_base_with_its_weights_kept_quantized(tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    from reftkit.training import ReftTrainer, quantized_linear
+
+    calls = []
+    original = quantized_linear.QuantizedLinear.backward
+    monkeypatch.setattr(quantized_linear.QuantizedLinear, "backward",
+                        staticmethod(lambda ctx, grad: calls.append(1) or original(ctx, grad)))
+    model = _quantized_llama()
+    # the first token: every later logit depends on its edit
+    reft = reftkit.get_reft_model(model, [{"layer": 1, "component": "block_output", "positions": "f1",
+                                           "intervention": "loreft", "low_rank_dimension": 2}])
+    data = [{"input_ids": IDS[i], "attention_mask": MASK[i], "labels": IDS[i]} for i in range(IDS.shape[0])]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = ReftTrainer(model=reft, args=args, train_dataset=data, suffix_training=False)
+    assert trainer._quantized_base
+    before = {n: p.detach().clone() for n, p in reft.interventions.named_parameters()}
+    trainer.train()
+    assert calls  # backward went through the quantized-weight path
+    assert any(not torch.equal(p, before[n]) for n, p in reft.interventions.named_parameters())

@@ -3,10 +3,41 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["label_only_loss"]
+__all__ = ["label_only_loss", "cross_entropy_sum"]
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """``sum_i (logsumexp(z_i) - z_i[y_i])`` with the gradient ``softmax(z_i) - onehot(y_i)`` written in one pass.
+
+    Same value as ``F.cross_entropy(z, y, reduction="sum")``; on CPU about ten times faster for a 49k vocabulary,
+    because torch's log-softmax and NLL backward each sweep the ``[N, vocab]`` matrix several times (they were a
+    tenth of a suffix-training step)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, targets)
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, lse, targets = ctx.saved_tensors
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_(grad_output)
+        grad[torch.arange(targets.shape[0], device=grad.device), targets] -= grad_output
+        return grad, None
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy of ``logits [N, vocab]`` against class indices ``targets [N]`` (no ignore index: pass
+    only the rows that have a label)."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_sum: logits {tuple(logits.shape)} must be [N, vocab] and targets "
+                         f"{tuple(targets.shape)} [N]")
+    return _CrossEntropySum.apply(logits, targets)
 
 
 def label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
@@ -17,7 +48,7 @@ def label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     keep = targets != -100
     rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
     logits = head(rows).float()  # HF computes the loss in float32 too
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    loss = cross_entropy_sum(logits, targets[keep])
     if num_items_in_batch is None:
         loss = loss / keep.sum().clamp_min(1)
     else:

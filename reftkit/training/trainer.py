@@ -36,6 +36,7 @@ from .classifier import ReftForSequenceClassification, load_interventions
 from .distributed import check_fsdp_plugin, full_parameters, loading_into_shards
 from .frozen_prefix import FrozenPrefixCache
 from .objectives import TFEW_WEIGHTS, check_loss_terms, multiple_choice_loss
+from .quantized_linear import has_weight_only_quantized, keep_quantized_weights
 from .suffix import SuffixTraining, SuffixTrainingError
 
 logger = logging.get_logger(__name__)
@@ -155,6 +156,7 @@ class ReftTrainer(Trainer):
             self.label_names = ["labels"]
         self.prefix_cache = self._build_prefix_cache(model, cache_frozen_prefix)
         self.suffix_training = self._build_suffix_training(model, suffix_training)
+        self._quantized_base = not self.is_classifier and has_weight_only_quantized(model)
 
     def _build_prefix_cache(self, model: nn.Module, setting: bool | int) -> FrozenPrefixCache | None:
         if setting is False or setting is None:
@@ -241,7 +243,9 @@ class ReftTrainer(Trainer):
             cache = self.prefix_cache if training else None
             suffix = self.suffix_training if training else None
 
-            with _forward_replaced(reft, forward):
+            # a torchao weight-only base: backward keeps its weights quantized, not a float copy per layer
+            quantized = keep_quantized_weights() if training and self._quantized_base else contextlib.nullcontext()
+            with _forward_replaced(reft, forward), quantized:
                 outputs = model(**inputs)
         loss = outputs["loss"]
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -99,15 +99,19 @@ logits only where there are labels."""),
 code("""args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=STEPS, per_device_train_batch_size=8,
                          learning_rate=1e-2, lr_scheduler_type="linear", weight_decay=0.0, logging_steps=1,
                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-# cache_frozen_prefix: after the first pass, layers 0-7 (below the first intervention) are read from a cache
+# suffix training (the default): each prompt up to its intervened last token runs without autograd, and
+# only the rest runs forward and backward on its keys/values; trainer.suffix_training.summary() counts it
 trainer = ReftTrainer(model=reft, args=args, train_dataset=data["train_dataset"],
-                      data_collator=data["data_collator"], cache_frozen_prefix=True)
+                      data_collator=data["data_collator"])
 trainer.remove_callback(PrinterCallback)   # no log line per step here; the losses are in trainer.state.log_history
 t0 = time.time()
 trainer.train()
 reft.eval()
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-print(f"{STEPS} steps in {time.time() - t0:.0f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")"""),
+print(f"{STEPS} steps in {time.time() - t0:.0f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+counts = trainer.suffix_training.summary()
+print(f"suffix training: {counts['suffix_steps']} batches from their prompts, {counts['cached_steps']} from the store; "
+      f"{counts['prefix_tokens']:,} prompt tokens without autograd, {counts['suffix_tokens']:,} with")"""),
 code("""fig = Figure(figsize=(5.5, 3))
 ax = fig.subplots()
 ax.plot(range(1, len(losses) + 1), losses, marker=".")

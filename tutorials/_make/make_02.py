@@ -66,8 +66,9 @@ md("""## Train and evaluate
 
 `run_train` scores the untuned model on the held-out words, trains with `ReftTrainer`
 (a `transformers.Trainer`: checkpoints hold only the interventions; the loss computes vocabulary
-logits only where there is a label; with `cache_frozen_prefix` the epochs after the first reuse the
-outputs of the frozen layers below the first intervention), scores again, and writes `metrics.json`,
+logits only where there is a label; with `suffix_training: auto`, the config's default, each prompt up to its
+intervened last token runs once without autograd and later epochs read its keys/values from a store, so only
+the rest of each example runs forward and backward), scores again, and writes `metrics.json`,
 `predictions.jsonl` (every held-out answer before and after) and the trained interventions."""),
 code("""metrics = run_train(config, progress=False)   # no progress bars in the stored notebook
 print(f"trainable parameters: {metrics['trainable_parameters']:,} of {metrics['model_parameters']:,} "

@@ -1,7 +1,9 @@
 """Attaching interventions to a base model, and leaving it as it was.
 
 :func:`build_slots` resolves a config's entries to sites on the model and builds one intervention per
-site (and per first/last part of an untied entry). :class:`BaseState` is the base model's own
+site (and per first/last part of an untied entry), or one per ``tie`` group: that module then sits under the
+key of every site it serves (:func:`tied_keys`), so ``parameters()`` and the optimizer see it once and its
+gradient sums every site's. :class:`BaseState` is the base model's own
 ``requires_grad`` flags and per-submodule train/eval mode, recorded when the first ``ReftModel``
 attaches and restored when the last one detaches: several may share one base (activation patching,
 layer sweeps, expert libraries), and a second attach must not take the first one's frozen flags for
@@ -21,16 +23,23 @@ from .anatomy import StructureError, find_layers
 from .config import ConfigError, ReftConfig
 from .hooks import Slot
 from .positions import PositionSpec, split_untied
-from .structure import resolve_site
+from .structure import Site, resolve_site
 
 __all__ = ["BaseState", "base_device", "base_state", "build_slots", "check_quantized", "hold_base", "intervention_key",
-           "is_quantized", "release_base", "restore_base"]
+           "is_quantized", "release_base", "restore_base", "tied_keys"]
 
 
 def intervention_key(layer: int | None, component: str) -> str:
     """The key of an intervention in ``ReftModel.interventions``: ``layer3_block_output``."""
     name = re.sub(r"[^0-9A-Za-z]+", "_", component).strip("_")
     return name if layer is None else f"layer{layer}_{name}"
+
+
+def tied_keys(interventions: nn.ModuleDict) -> dict[str, str]:
+    """``{key: first key}`` for every key whose module is also under an earlier key (a tie): the set is saved,
+    counted and trained once, under its first key."""
+    first: dict[int, str] = {}
+    return {key: first[id(iv)] for key, iv in interventions.items() if first.setdefault(id(iv), key) != key}
 
 
 def base_device(model: nn.Module) -> torch.device:
@@ -49,8 +58,12 @@ def build_slots(model: nn.Module, config: ReftConfig, interventions: nn.ModuleDi
     slots: list[Slot] = []
     specs: list[PositionSpec | None] = []
     tasks: list[str | None] = []
+    #: tie group -> (its intervention, the entry and the site that built it); and how many sites it serves
+    tied: dict[tuple, tuple[nn.Module, int, Site]] = {}
+    served: dict[tuple, int] = {}
     for i, rep in enumerate(config.representations):
         spec = rep.position_spec
+        group = rep.tie_group(i)
         split = None if rep.share_weights or spec is None else split_untied(spec)
         parts = [("", spec)] if split is None else [("_first", split[0]), ("_last", split[1])]
         rep.check_positions_fit(model, i)
@@ -64,17 +77,33 @@ def build_slots(model: nn.Module, config: ReftConfig, interventions: nn.ModuleDi
                 key, n = stem + suffix, 2
                 while key in interventions:
                     key, n = f"{stem}{suffix}_{n}", n + 1
-                iv = rep.make_intervention()
-                try:
-                    iv.materialize(site.width)
-                except InterventionError as err:
-                    raise ConfigError(f"representations[{i}] at layer {site.layer}: {err}") from None
+                if group in tied:
+                    iv, j, site_j = tied[group]
+                    if site.width != site_j.width:
+                        raise ConfigError(
+                            f"representations[{i}].tie={rep.tie!r}: component={rep.component!r} at layer {site.layer} "
+                            f"has width {site.width}, but the intervention it shares was built for width "
+                            f"{site_j.width} (representations[{j}], component={site_j.component!r} at layer "
+                            f"{site_j.layer}); tied sites must have the same width")
+                else:
+                    iv = rep.make_intervention()
+                    try:
+                        iv.materialize(site.width)
+                    except InterventionError as err:
+                        raise ConfigError(f"representations[{i}] at layer {site.layer}: {err}") from None
+                    if group is not None:
+                        tied[group] = (iv, i, site)
+                served[group] = served.get(group, 0) + 1
                 interventions[key] = iv.to(device=device, dtype=torch.float32)
                 slots.append(Slot(index=len(slots), key=key, intervention=iv, site=site,
                                   every_token=part_spec is not None and part_spec.every, source=rep.source,
                                   task=rep.task))
                 specs.append(part_spec)
                 tasks.append(rep.task)
+    for group, (_, j, _) in tied.items():
+        if served[group] == 1:  # a name or "all" that came to one site on this model
+            raise ConfigError(f"representations[{j}].tie={config.representations[j].tie!r} ties one site only (layer="
+                              f"{config.representations[j].layer!r} on this {type(model).__name__}): nothing to share")
     if any(p.requires_grad for p in interventions.parameters()):
         check_quantized(model, slots)
     return slots, specs, tasks

@@ -4,8 +4,10 @@ One representation entry names ``layer`` (an int, a list of ints, or ``"all"``),
 (a pyvene component name or a raw module path), ``positions`` (pyreft's grammar or ``"all"``),
 ``intervention`` (a registered name, a class, or an instance), ``share_weights``, and the
 intervention's own arguments (``low_rank_dimension``, ``dropout``, ``act_fn``, ``add_bias``...)
-flat beside them, as pyreft writes them. Everything a field can get wrong is checked here;
-what needs the model (layer range, component availability, rank vs width) is checked at attach.
+flat beside them, as pyreft writes them; ``tie`` shares one intervention across sites (``True``: this
+entry's layers; a name: every site of every entry carrying it — pyvene's ``intervention_link_key``).
+Everything a field can get wrong is checked here; what needs the model (layer range, component availability,
+rank vs width, the widths of tied sites) is checked at attach.
 
 An entry without ``positions`` gets ``"l1"`` (the last token of the prompt). pyreft's entries carry no
 positions (pyreft takes them from its data), so a pyreft dict used here acts at ``l1`` unless it says
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMAT_VERSION = 1
-_OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights", "heads", "task", "source")
+_OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights", "heads", "task", "source",
+               "tie")
 _USE_PYREFT = "reftkit.pyreft takes pyreft's and pyvene's config dicts as they are"
 _SOURCES = "pass sources= per call (a batch the bare model runs first; source_locations= picks its rows)"
 #: fields of pyvene's RepresentationConfig (0.1.8) that reftkit's entries do not have -> what to write instead
@@ -43,7 +46,8 @@ PYVENE_FIELDS: dict[str, str] = {
     "intervention_type": "name the class with intervention= (a registered name, a class or an instance)",
     "subspace_partition": "pass subspaces= per call (the rank coordinates each row uses)",
     "group_key": "drop it: reftkit has no intervention groups, every entry acts in the one forward pass",
-    "intervention_link_key": "drop it: entries share no weights (layer=[...] makes one intervention per layer)",
+    "intervention_link_key": "write tie='name' in each entry that shares the intervention (tie=True shares one "
+                             "across an entry's layers)",
     "moe_key": "give the expert's module path as component, e.g. 'model.layers.{layer}.mlp.experts.3:output'",
     "source_representation": _SOURCES,
     "hidden_source_representation": _SOURCES,
@@ -94,6 +98,9 @@ class RepresentationConfig:
     task: str | None = None
     #: which of the call's ``sources`` this entry's source-using interventions read
     source: int = 0
+    #: weight tying: ``True``, one intervention serves every layer of this entry; a name, one serves every site
+    #: of every entry with that name; ``None`` (or False), one intervention per site
+    tie: bool | str | None = None
     intervention_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -124,8 +131,7 @@ class RepresentationConfig:
         if not isinstance(self.component, str) or not self.component:
             raise ConfigError(f"{_where(index, 'component')}={self.component!r} must be a non-empty string")
         _check_not_pyvene_path(self.component, _where(index, "component"))
-        many = layer == "all" or (isinstance(layer, (list, tuple)) and len(layer) > 1)
-        if many and "." in self.component and "{layer}" not in self.component:
+        if self.many_layers and "." in self.component and "{layer}" not in self.component:
             # without the placeholder every layer resolves to the same module: one module hooked N times
             raise ConfigError(
                 f"{_where(index, 'layer')}={layer!r} with {_where(index, 'component')}={self.component!r}: the module "
@@ -144,6 +150,7 @@ class RepresentationConfig:
                 f"{_where(index, 'share_weights')}=False with {_where(index, 'positions')}={self.positions!r}: untied "
                 "weights split positions that name both first and last tokens (e.g. 'f5+l5': one intervention for "
                 "the first 5, one for the last 5); give such positions, or share_weights=True")
+        self._check_tie(index)
         heads = self.heads
         if heads is not None and not (isinstance(heads, (list, tuple)) and heads and all(
                 _is_int(x) and x >= 0 for x in heads) and len(set(heads)) == len(heads)):
@@ -196,7 +203,32 @@ class RepresentationConfig:
         except TypeError as err:
             raise ConfigError(f"{_where(index, 'intervention')}: {err}") from None
 
+    def _check_tie(self, index: int | None) -> None:
+        tie = self.tie
+        if not (tie is None or isinstance(tie, bool) or (isinstance(tie, str) and tie.strip())):
+            raise ConfigError(f"{_where(index, 'tie')}={tie!r} must be True (one intervention for this entry's "
+                              "layers), a group name (one for every entry carrying it) or None")
+        if tie and not self.share_weights:
+            raise ConfigError(f"{_where(index, 'tie')}={tie!r} with {_where(index, 'share_weights')}=False: an "
+                              "untied entry builds two interventions per site (first and last positions), a tie one "
+                              "for all its sites; give one of them")
+        if tie is True and not self.many_layers:
+            raise ConfigError(f"{_where(index, 'tie')}=True with {_where(index, 'layer')}={self.layer!r}: one site, "
+                              "nothing to tie; list the layers (layer=[2, 4, 6]) or name a group the entries that "
+                              "share it carry (tie='steer')")
+
     # -- derived ---------------------------------------------------------------------------
+    @property
+    def many_layers(self) -> bool:
+        """Whether ``layer`` may name more than one layer (a list of several, or ``"all"``)."""
+        return self.layer == "all" or (isinstance(self.layer, (list, tuple)) and len(self.layer) > 1)
+
+    def tie_group(self, index: int) -> tuple[str, Any] | None:
+        """The key of the sites that share this entry's intervention (``index`` is the entry's place), or None."""
+        if isinstance(self.tie, str):
+            return ("name", self.tie)
+        return ("entry", index) if self.tie else None
+
     @property
     def intervention_class(self) -> type[Intervention]:
         if isinstance(self.intervention, Intervention):
@@ -254,11 +286,63 @@ class RepresentationConfig:
         iv = self.make_intervention()
         kwargs = {k: v for k, v in iv.hparams.items()}
         optional = {"heads": list(self.heads) if self.heads is not None else None, "task": self.task,
-                    "source": self.source or None}
+                    "source": self.source or None, "tie": self.tie or None}
         return {"layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
                 "component": self.component, "positions": self.positions,
                 "intervention": iv.name or type(iv).__name__, "share_weights": self.share_weights,
                 **{k: v for k, v in optional.items() if v is not None}, **kwargs}
+
+
+def _named(intervention: object) -> str:
+    if isinstance(intervention, Intervention):
+        return f"<{type(intervention).__name__} instance>"
+    return repr(getattr(intervention, "__name__", intervention))
+
+
+def check_ties(reps: list[RepresentationConfig]) -> None:
+    """Refuse ties that cannot be one intervention: entries of one ``tie`` name asking for different classes or
+    arguments (or different instances), a name no other site carries, and one instance passed to several entries
+    without a shared ``tie`` (reftkit copies an entry's instance, so they would train apart)."""
+    groups: dict[str, list[int]] = {}
+    for i, rep in enumerate(reps):
+        if isinstance(rep.tie, str):
+            groups.setdefault(rep.tie, []).append(i)
+    for name, members in groups.items():
+        a = members[0]
+        if len(members) == 1 and not reps[a].many_layers:
+            raise ConfigError(f"representations[{a}].tie={name!r}: no other entry carries this name and the entry "
+                              f"has one site (layer={reps[a].layer!r}), so nothing is tied; give the same tie to "
+                              "every entry that shares the intervention")
+        for b in members[1:]:
+            first, other = reps[a], reps[b]
+            clash = f"tie={name!r} shares one intervention between them"
+            if isinstance(first.intervention, Intervention) or isinstance(other.intervention, Intervention):
+                if first.intervention is not other.intervention:
+                    raise ConfigError(
+                        f"representations[{b}].intervention={_named(other.intervention)} and representations[{a}]"
+                        f".intervention={_named(first.intervention)}: {clash}, so pass that one instance in each "
+                        "entry, or a registered name with its arguments")
+                continue
+            if first.intervention_class is not other.intervention_class:
+                raise ConfigError(f"representations[{b}].intervention={_named(other.intervention)} but representations"
+                                  f"[{a}].intervention={_named(first.intervention)}: {clash}, so name the same one")
+            mine, theirs = first.make_intervention().hparams, other.make_intervention().hparams
+            for key in mine:
+                if mine[key] != theirs.get(key):
+                    raise ConfigError(f"representations[{b}].{key}={theirs.get(key)!r} but representations[{a}].{key}="
+                                      f"{mine[key]!r}: {clash}, so give the same arguments")
+    seen: dict[int, int] = {}
+    for i, rep in enumerate(reps):
+        if not isinstance(rep.intervention, Intervention):
+            continue
+        j = seen.setdefault(id(rep.intervention), i)
+        if j != i and not (isinstance(rep.tie, str) and rep.tie == reps[j].tie):
+            raise ConfigError(
+                f"representations[{i}].intervention is the same {type(rep.intervention).__name__} instance as "
+                f"representations[{j}].intervention, but the entries are not tied (tie={reps[j].tie!r} and "
+                f"{rep.tie!r}): each entry builds its own copy, so they would train apart. To share one intervention "
+                "give both entries the same tie name (\"tie\": \"shared\"); for separate ones pass separate instances "
+                "(copy.deepcopy) or a registered name with its arguments")
 
 
 class ReftConfig:
@@ -279,6 +363,7 @@ class ReftConfig:
             RepresentationConfig.from_dict(entry, index=i) for i, entry in enumerate(representations)]
         if not self.representations:
             raise ConfigError("representations=[] is empty; give at least one representation")
+        check_ties(self.representations)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "representations": [r.to_dict() for r in self.representations]}

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from .attachment import base_device, base_state, build_slots, hold_base, release_base
+from .attachment import base_device, base_state, build_slots, hold_base, release_base, tied_keys
 from .call_inputs import CALL_INPUTS, Collected, check_inputs, check_keywords, routing, subspace_masks
 from .config import ReftConfig
 from .hooks import CallState, HookManager
@@ -338,6 +338,12 @@ class ReftModel(nn.Module):
     def intervention_locations_order(self) -> list[str]:
         """Keys of ``interventions`` in the order of the K axis of ``intervention_locations``."""
         return list(self.interventions)
+
+    @property
+    def tied_interventions(self) -> dict[str, str]:
+        """``{key: first key}`` for each key whose intervention is one module with an earlier key's (``tie`` in
+        the config): it is counted, trained and saved once, and applied at every site it serves."""
+        return tied_keys(self.interventions)
 
     # -- persistence (reftkit.serialization, reftkit.pyreft_import) ------------------------------
     def save_pretrained(self, path: str | Path) -> Path:

@@ -5,6 +5,10 @@ one record per intervention (key, class, arguments, site, tensor shapes) and the
 weights file, so a missing, truncated or altered file is refused at load with its name; so is a folder
 without that record, unless the caller passes ``verify_weights=False``. NaN or infinite weights are refused
 by tensor name. A load that fails leaves the base model as it was.
+
+A tied intervention (one module at several sites, ``tie`` in the config) is written once, under its first key;
+the records of the other keys say ``"tied_to": <that key>``, and a load checks them against the ties the config
+builds.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .attachment import tied_keys
 from .config import FORMAT_VERSION, ConfigError, ReftConfig
 
 CONFIG_NAME = "config.json"
@@ -42,7 +47,9 @@ def save_reft(reft: nn.Module, path: str | Path) -> Path:
     needed)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft.interventions.state_dict().items()}
+    aliases = tied_keys(reft.interventions)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft.interventions.state_dict().items()
+               if name.split(".", 1)[0] not in aliases}  # a tied set once, under its first key
     weights = folder / WEIGHTS_NAME
     save_file(tensors, str(weights), metadata={"format": "pt", "reftkit_format_version": str(FORMAT_VERSION)})
     records = []
@@ -53,6 +60,7 @@ def save_reft(reft: nn.Module, path: str | Path) -> Path:
             "arguments": slot.intervention.config(),
             "site": {"layer": site.layer, "component": site.component, "module_path": site.module_path,
                      "hook": site.hook, "width": site.width},
+            **({"tied_to": aliases[slot.key]} if slot.key in aliases else {}),
         })
     config = {
         **reft.reft_config.to_dict(),
@@ -124,10 +132,32 @@ def check_finite(tensors: dict[str, Any], source: str) -> None:
                             "diverged")
 
 
+def _fold_ties(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor], source: str
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``tensors`` with a tied set's under its first key only (a full ``state_dict()`` repeats them under every
+    key: the copies must be equal), and the ties (``{key: first key}``)."""
+    aliases = tied_keys(interventions)
+    if not aliases:
+        return tensors, aliases
+    folded = {name: t for name, t in tensors.items() if name.split(".", 1)[0] not in aliases}
+    for name, tensor in tensors.items():
+        key, _, rest = name.partition(".")
+        if key in aliases:
+            owner = f"{aliases[key]}.{rest}"
+            if owner not in folded:
+                folded[owner] = tensor
+            elif not (folded[owner].shape == tensor.shape and torch.equal(folded[owner], tensor)):
+                raise LoadError(f"{source}: tensor {name!r} differs from {owner!r}, but intervention {key!r} is tied "
+                                f"to {aliases[key]!r} (one module): a tied set holds one set of weights")
+    return folded, aliases
+
+
 def check_and_load(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``tensors`` into ``interventions`` strictly, naming any missing, extra or misshapen tensor."""
+    """Load ``tensors`` into ``interventions`` strictly, naming any missing, extra or misshapen tensor. A tied
+    intervention's tensors are expected once, under its first key (repeated copies are accepted if equal)."""
     check_finite(tensors, source)
-    own = interventions.state_dict()
+    tensors, aliases = _fold_ties(interventions, tensors, source)
+    own = {name: t for name, t in interventions.state_dict().items() if name.split(".", 1)[0] not in aliases}
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing:
@@ -138,6 +168,10 @@ def check_and_load(interventions: nn.ModuleDict, tensors: dict[str, torch.Tensor
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise LoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                             f"{tuple(own[name].shape)} (was it saved for another base model?)")
+    for name in interventions.state_dict():
+        key, _, rest = name.partition(".")
+        if key in aliases:
+            tensors[name] = tensors[f"{aliases[key]}.{rest}"]
     interventions.load_state_dict(tensors, strict=True)
 
 
@@ -160,6 +194,21 @@ def _saved_keys(config: dict[str, Any], config_file: Path) -> list[str]:
     return keys
 
 
+def _check_ties(config: dict[str, Any], config_file: Path, built: dict[str, str]) -> None:
+    """The ties the records state (``interventions[i].tied_to``) must be the ties the config builds."""
+    records = config.get("interventions", [])
+    keys = [record["key"] for record in records]
+    for i, record in enumerate(records):
+        key, target = record["key"], record.get("tied_to")
+        if target is not None and (not isinstance(target, str) or target not in keys or target == key):
+            raise LoadError(f"{config_file}: interventions[{i}].tied_to={target!r:.80} names no other saved "
+                            f"intervention (the keys are {keys})")
+        if target != built.get(key):
+            does = f"ties it to {built[key]!r}" if key in built else "does not tie it"
+            raise LoadError(f"{config_file}: interventions[{i}].tied_to={target!r} ({key!r}), but the config's "
+                            f"representations (their tie fields) {does}; the folder was edited inconsistently")
+
+
 def load_reft(model: nn.Module, path: str | Path, build: Build, verify_weights: bool = True) -> Any:
     """Rebuild a ``ReftModel`` on ``model`` from a folder written by ``save_pretrained``.
 
@@ -180,6 +229,8 @@ def load_reft(model: nn.Module, path: str | Path, build: Build, verify_weights: 
         if saved_keys and saved_keys != list(reft.interventions):
             raise LoadError(f"{config_file}: interventions {saved_keys} were saved, this model builds "
                             f"{list(reft.interventions)}")
+        if saved_keys:
+            _check_ties(config, config_file, tied_keys(reft.interventions))
         check_and_load(reft.interventions, tensors, str(folder / WEIGHTS_NAME))
     except BaseException as err:
         if reft is not None:

@@ -25,8 +25,8 @@ _UNSUPPORTED = {
     "subspace_partition": "pass subspaces=... per call instead",
     "group_key": "reftkit.pyreft runs every intervention in one forward; use reftkit.ReftModel with sources= for "
                  "grouped interchange interventions",
-    "intervention_link_key": "weight sharing across entries: use reftkit.ReftConfig with positions and "
-                             "share_weights=True instead",
+    "intervention_link_key": "weight sharing across entries: pass the same intervention instance in each "
+                             "entry (pyvene shares it), or use reftkit.ReftConfig with tie='name'",
     "moe_key": "mixture-of-experts components are not resolved by reftkit.pyreft",
     "source_representation": "pyreft's interventions are sourceless",
     "hidden_source_representation": "pyreft's interventions are sourceless",

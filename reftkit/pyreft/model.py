@@ -56,7 +56,14 @@ class ReftModel(CoreReftModel):
                                 and "representations" in config else config)
         #: the pyreft config this model was built from
         self.pyreft_config = config
-        super().__init__(model, [rep.reftkit_entry() for rep in config.representations])
+        entries = [rep.reftkit_entry() for rep in config.representations]
+        users: dict[int, list[dict]] = {}
+        for entry in entries:  # pyvene shares an instance given to several entries: tie them
+            users.setdefault(id(entry["intervention"]), []).append(entry)
+        for n, group in enumerate(g for g in users.values() if len(g) > 1):
+            for entry in group:
+                entry["tie"] = f"shared_instance_{n}"
+        super().__init__(model, entries)
         self._adopt_pyvene_layout(config)
         self.disable_model_gradients()  # pyvene freezes the model (and sets eval mode) when it wraps it
 

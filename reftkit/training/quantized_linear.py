@@ -26,7 +26,7 @@ _CONSISTENT: dict[tuple[type, torch.dtype], bool] = {}
 class QuantizedLinear(torch.autograd.Function):
     """``y = x Wᵀ + b`` for a frozen ``W`` stored quantized; backward ``dx = dy · dequantize(W)``, computed when
     backward runs. Exact: a frozen weight-only linear is affine in ``x``, its input gradient is ``dy`` times the
-    weight its forward used (checked once per weight type by :func:`_consistent`)."""
+    weight its forward used (checked once per weight type against ``F.linear`` on random rows)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

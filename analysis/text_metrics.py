@@ -15,10 +15,23 @@ ASCII text. For BLEU, ``tokenize=None`` picks sacrebleu's ``"zh"`` tokenizer whe
 contains CJK characters (it splits Chinese ideographs into single characters and tokenizes the rest
 like ``"13a"``); otherwise ``"13a"``, sacrebleu's default. Note that ``"zh"`` splits Han
 characters (and full-width forms) only: Hangul words and runs of kana stay whole.
+
+Conventions. Published Chinese results are often not comparable with the above: the P-Tuning v2
+line of work (Liu et al. 2022, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning
+Universally Across Scales and Tasks") and ChatGLM-6B's ``ptuning/main.py`` (``compute_metrics``)
+score ROUGE on jieba *words* and BLEU-4 per *sentence* on characters with smoothing, then average
+over examples. Every scoring function takes ``convention=``: ``"reftkit"`` (the default, as
+described above) or ``"chatglm"``, which reproduces that script (see :func:`rouge` and
+:func:`bleu4` for the formulas; exact match is the same in both). ``"chatglm"`` needs ``jieba``
+(``pip install 'reftkit[zh]'``); the two give different numbers on the same outputs, so report
+which one you used. A golden file made with ChatGLM's own code path
+(``tests/goldens/make_chatglm_metric_goldens.sh``) checks the reproduction.
 """
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from typing import Any, Sequence
 
 import pandas as pd
@@ -36,6 +49,74 @@ _CJK_RE = re.compile(f"[{_CJK_CLASS}]")
 # One CJK letter/digit, or a run of other letters/digits. Punctuation (ASCII or CJK, e.g. "，。")
 # and "_" are separators, never tokens, as in rouge-score.
 _TOKEN_RE = re.compile(f"(?=[^\\W_])[{_CJK_CLASS}]|[^\\W_{_CJK_CLASS}]+")
+
+
+#: the metric conventions every scoring function accepts as ``convention=`` (the first is the default)
+CONVENTIONS = ("reftkit", "chatglm")
+# rouge_chinese 1.0.3 ``Rouge.cut_sent``: where a sentence ends. Its ROUGE joins the sentences' words again, so the
+# split only shows where a "sentence" is whitespace only (around a newline): it becomes one empty word.
+_SENTENCE_BREAKS = ((re.compile("([。！？?])([^”’])"), r"\1\n\2"), (re.compile(r"(\.{6})([^”’])"), r"\1\n\2"),
+                    (re.compile("(…{2})([^”’])"), r"\1\n\2"), (re.compile("([。！？?][”’])([^，。！？?])"), r"\1\n\2"))
+_CHATGLM_TYPE_RE = re.compile(r"rouge([1-5]|L)")
+
+
+def _check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is not a metric convention; choose one of "
+                         f"{', '.join(repr(c) for c in CONVENTIONS)}")
+    return convention
+
+
+def _jieba() -> Any:
+    """jieba, imported on first use with its dictionary loaded quietly (jieba caches it under
+    ``tempfile.gettempdir()``, never in the home folder); its own log level is restored afterwards."""
+    try:
+        with warnings.catch_warnings():  # jieba imports pkg_resources where it exists, which warns
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            import jieba
+    except ImportError:
+        raise ImportError("convention='chatglm' segments Chinese with jieba, which is not installed: "
+                          "pip install 'reftkit[zh]' (or pip install jieba)") from None
+    if not jieba.dt.initialized:
+        log = logging.getLogger("jieba")
+        level = log.level
+        log.setLevel(logging.WARNING)  # "Building prefix dict ..." on stderr otherwise
+        try:
+            jieba.initialize()
+        finally:
+            log.setLevel(level)
+    return jieba
+
+
+def _chatglm_words(text: str, jieba: Any) -> list[str]:
+    """The words rouge_chinese scores for ChatGLM's ``' '.join(jieba.cut(text))`` (punctuation included)."""
+    para = " ".join(jieba.cut(text))
+    for pattern, repl in _SENTENCE_BREAKS:
+        para = pattern.sub(repl, para)
+    sentences = [" ".join(s.split()) for s in para.rstrip().split("\n") if s]
+    return [w for s in sentences for w in s.split(" ")]
+
+
+def _f(p: float, r: float) -> float:
+    return 2.0 * ((p * r) / (p + r + 1e-8))  # rouge_chinese's F, epsilon included
+
+
+def _chatglm_rouge_f(hyp: list[str], ref: list[str], kind: str) -> float:
+    """rouge_chinese 1.0.3's F of one pair of word lists (``kind``: "1".."5" or "L"); 0 if either is empty."""
+    if not hyp or not ref:
+        return 0.0  # ChatGLM2-6B's guard (rouge_chinese raises on a text without words)
+    if kind == "L":
+        row = [0] * (len(ref) + 1)
+        for h in hyp:
+            prev, row = row, [0]
+            for j, w in enumerate(ref):
+                row.append(prev[j] + 1 if h == w else max(prev[j + 1], row[j]))
+        return _f(row[-1] / len(hyp), row[-1] / len(ref))
+    n = int(kind)
+    grams_h = {tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1)}
+    grams_r = {tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)}
+    overlap = len(grams_h & grams_r)
+    return _f(overlap / len(grams_h) if grams_h else 0.0, overlap / len(grams_r) if grams_r else 0.0)
 
 
 def has_cjk(text: str) -> bool:
@@ -56,18 +137,44 @@ def _check(predictions: Sequence[str], refs: list[list[str]]) -> None:
 
 
 def bleu4(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], *,
-          tokenize: str | None = None) -> float:
-    """Corpus BLEU-4 (0-100) by ``sacrebleu.corpus_bleu``.
+          tokenize: str | None = None, convention: str = "reftkit") -> float:
+    """BLEU-4 (0-100): corpus BLEU by ``sacrebleu.corpus_bleu``, or ChatGLM's mean sentence BLEU.
 
     ``references[i]`` is the reference of example ``i`` or a list of its references (their number
     may vary per example). ``tokenize=None`` means ``"zh"`` if any prediction or reference contains
     CJK characters, else ``"13a"`` (sacrebleu's default, the WMT ``mteval-v13a`` tokenizer);
     pass any sacrebleu tokenizer name to override.
-    """
-    import sacrebleu
 
+    ``convention="chatglm"`` is ChatGLM-6B ``ptuning/main.py``'s ``sentence_bleu([list(label)],
+    list(pred), smoothing_function=SmoothingFunction().method3)`` (nltk) on *characters* (spaces and
+    punctuation included; ``tokenize`` must stay ``None``). Per example, with c and r the lengths of
+    the prediction and of the reference closest to it in length:
+
+    * ``p_n`` = clipped matching character n-grams / the prediction's n-grams (at least 1), n = 1..4;
+    * a ``p_n`` without matches becomes ``1 / (2**k * denominator)``, k = 1, 2, ... over the empty
+      orders in turn (NIST geometric smoothing; Chen & Cherry 2014, method 3);
+    * ``BP = 1`` if c > r, ``0`` if c = 0, else ``exp(1 - r / c)``;
+    * ``BLEU = BP * exp((log p_1 + log p_2 + log p_3 + log p_4) / 4)``, or 0 if no character matches.
+
+    Each example's ``round(100 * BLEU, 4)`` is averaged over the examples, as the script does.
+    """
     refs = _as_multi(references)
     _check(predictions, refs)
+    if _check_convention(convention) == "chatglm":
+        if tokenize is not None:
+            raise ValueError(f"tokenize={tokenize!r} cannot apply with convention='chatglm', which scores "
+                             "characters; leave tokenize=None")
+        try:
+            from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+        except ImportError:
+            raise ImportError("convention='chatglm' computes BLEU with nltk, which is not installed: "
+                              "pip install 'reftkit[zh]' (or pip install nltk)") from None
+        smooth = SmoothingFunction().method3
+        scores = [round(sentence_bleu([list(r) for r in rs], list(p), smoothing_function=smooth) * 100, 4)
+                  for p, rs in zip(predictions, refs)]
+        return float(sum(scores) / max(len(scores), 1))
+    import sacrebleu
+
     if tokenize is None:
         texts = list(predictions) + [r for rs in refs for r in rs]
         tokenize = "zh" if any(has_cjk(t) for t in texts) else "13a"
@@ -102,20 +209,40 @@ class CJKTokenizer:
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], *,
-          types: Sequence[str] = ("rouge1", "rouge2", "rougeL"), use_stemmer: bool = False) -> dict[str, float]:
-    """Mean ROUGE F-measure (0-100) per type, by ``rouge_score.RougeScorer`` with :class:`CJKTokenizer`.
+          types: Sequence[str] = ("rouge1", "rouge2", "rougeL"), use_stemmer: bool = False,
+          convention: str = "reftkit") -> dict[str, float]:
+    """Mean ROUGE F-measure (0-100) per type, by ``rouge_score.RougeScorer`` with :class:`CJKTokenizer`
+    (``convention="reftkit"``) or as ChatGLM's evaluation script (``convention="chatglm"``).
 
     A single string for each of ``predictions`` and ``references`` is accepted as one example.
-    With several references an example scores its best one (``RougeScorer.score_multi``).
-    """
-    from rouge_score import rouge_scorer
+    With several references an example scores its best one (``RougeScorer.score_multi``; the best
+    per type with ``"chatglm"``, whose script has one reference).
 
+    ``"chatglm"`` is ChatGLM-6B ``ptuning/main.py``'s ``Rouge().get_scores(' '.join(jieba.cut(pred)),
+    ' '.join(jieba.cut(label)))`` (rouge_chinese 1.0.3; types ``rouge1`` ... ``rouge5`` and ``rougeL``;
+    no stemming). The words W of a text are its jieba segments (accurate mode), punctuation included
+    and case kept; ``G_n(W)`` is the *set* of W's distinct n-grams, so a repeated n-gram counts once
+    (rouge-score clips counts instead). With Ŵ the prediction's words:
+
+    * ROUGE-N: ``P = |G_n(Ŵ) ∩ G_n(W)| / |G_n(Ŵ)|``, ``R = |G_n(Ŵ) ∩ G_n(W)| / |G_n(W)|`` (0 over an
+      empty set);
+    * ROUGE-L: ``P = L / |Ŵ|``, ``R = L / |W|`` with L the length of the longest common subsequence of
+      the two word lists;
+    * ``F = 2 P R / (P + R + 1e-8)``, and 0 when either text has no words (ChatGLM2-6B's guard;
+      ChatGLM-6B's script raises there).
+
+    Each example's ``round(100 * F, 4)`` is averaged over the examples, as the script does.
+    """
     if isinstance(predictions, str):
         predictions = [predictions]
     if isinstance(references, str):
         references = [references]
     refs = _as_multi(references)
     _check(predictions, refs)
+    if _check_convention(convention) == "chatglm":
+        return _chatglm_rouge(predictions, refs, types, use_stemmer)
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(types), tokenizer=CJKTokenizer(use_stemmer))
     totals = {t: 0.0 for t in types}
     for pred, rs in zip(predictions, refs):
@@ -124,6 +251,28 @@ def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Seque
             totals[t] += scores[t].fmeasure
     n = max(len(refs), 1)
     return {t: 100.0 * v / n for t, v in totals.items()}
+
+
+def _chatglm_rouge(predictions: Sequence[str], refs: list[list[str]], types: Sequence[str],
+                   use_stemmer: bool) -> dict[str, float]:
+    if use_stemmer:
+        raise ValueError("use_stemmer=True cannot apply with convention='chatglm', which does not stem")
+    kinds = {}
+    for t in types:
+        match = _CHATGLM_TYPE_RE.fullmatch(t)
+        if match is None:
+            raise ValueError(f"types has {t!r}, which convention='chatglm' does not compute; "
+                             "use 'rouge1' ... 'rouge5' or 'rougeL'")
+        kinds[t] = match.group(1)
+    jieba = _jieba()
+    totals = {t: 0.0 for t in types}
+    for pred, rs in zip(predictions, refs):
+        hyp = _chatglm_words(pred, jieba)
+        words = [_chatglm_words(r, jieba) for r in rs]
+        for t, kind in kinds.items():
+            totals[t] += max(round(_chatglm_rouge_f(hyp, ref, kind) * 100, 4) for ref in words)
+    n = max(len(refs), 1)
+    return {t: v / n for t, v in totals.items()}
 
 
 def _normalise(text: str) -> str:
@@ -139,9 +288,13 @@ def exact_match(predictions: Sequence[str], references: Sequence[str] | Sequence
     return 100.0 * hits / max(len(refs), 1)
 
 
-def text_scores(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> dict[str, float]:
-    """``bleu4``, ``rouge1``, ``rouge2``, ``rougeL`` and ``exact_match``, all on a 0-100 scale."""
-    return {"bleu4": bleu4(predictions, references), **rouge(predictions, references),
+def text_scores(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], *,
+                convention: str = "reftkit") -> dict[str, float]:
+    """``bleu4``, ``rouge1``, ``rouge2``, ``rougeL`` and ``exact_match``, all on a 0-100 scale, by the
+    metric ``convention`` (:data:`CONVENTIONS`; see :func:`bleu4` and :func:`rouge`)."""
+    _check_convention(convention)
+    return {"bleu4": bleu4(predictions, references, convention=convention),
+            **rouge(predictions, references, convention=convention),
             "exact_match": exact_match(predictions, references)}
 
 
@@ -201,21 +354,26 @@ def generate_predictions(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
 
 
 def evaluate_generation(model: Any, tokenizer: Any, prompts: Sequence[str],
-                        references: Sequence[str] | Sequence[Sequence[str]], **gen_kwargs: Any) -> pd.DataFrame:
+                        references: Sequence[str] | Sequence[Sequence[str]], *, convention: str = "reftkit",
+                        **gen_kwargs: Any) -> pd.DataFrame:
     """Generate for ``prompts`` (``gen_kwargs`` go to :func:`generate_predictions`) and score.
 
     Returns one row per example (``prompt``, ``reference``, ``prediction``), with
-    :func:`text_scores` of the whole set in ``.attrs["scores"]``.
+    :func:`text_scores` of the whole set (by the metric ``convention``) in ``.attrs["scores"]``.
     """
     if len(prompts) != len(references):
         raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
+    if _check_convention(convention) == "chatglm":
+        _jieba()  # fail before generating, not after
     predictions = generate_predictions(model, tokenizer, prompts, **gen_kwargs)
     frame = pd.DataFrame({"prompt": list(prompts), "reference": list(references), "prediction": predictions})
-    frame.attrs["scores"] = text_scores(predictions, references)
+    frame.attrs["scores"] = text_scores(predictions, references, convention=convention)
     return frame
 
 
 def generation_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
-                      references: Sequence[str] | Sequence[Sequence[str]], **gen_kwargs: Any) -> dict[str, float]:
+                      references: Sequence[str] | Sequence[Sequence[str]], *, convention: str = "reftkit",
+                      **gen_kwargs: Any) -> dict[str, float]:
     """Only the scores of :func:`evaluate_generation`."""
-    return evaluate_generation(model, tokenizer, prompts, references, **gen_kwargs).attrs["scores"]
+    return evaluate_generation(model, tokenizer, prompts, references, convention=convention,
+                               **gen_kwargs).attrs["scores"]

@@ -135,3 +135,27 @@ def test_suffix_training_is_the_recipes_default_and_changes_nothing_but_the_work
     path.write_text(yaml.safe_dump(settings))
     with pytest.raises(ValueError, match="suffix_training='sometimes'"):
         main(["train", str(path)])
+
+
+def test_eval_convention_reaches_the_scores_and_unknown_names_fail_before_loading(tmp_path, monkeypatch):
+    pytest.importorskip("jieba")
+    from reftkit.analysis import text_metrics
+
+    config = _setup(tmp_path)
+    seen = []
+    real = text_metrics.text_scores
+
+    def spy(predictions, references, **kwargs):
+        seen.append((list(predictions), list(references), kwargs.get("convention")))
+        return real(predictions, references, **kwargs)
+
+    monkeypatch.setattr(text_metrics, "text_scores", spy)
+    assert main(["eval", str(config), "--set", "eval.convention=chatglm"]) == 0
+    scored = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
+    (predictions, references, convention), = seen
+    assert convention == "chatglm" and references == [r for _, r in PAIRS]
+    expected = real(predictions, references, convention="chatglm")
+    assert {k: scored[k] for k in expected} == expected
+    assert main(["eval", str(config)]) == 0 and seen[-1][2] == "reftkit"
+    with pytest.raises(ValueError, match=r"eval.convention='ChatGLM': choose one of 'reftkit', 'chatglm'"):
+        main(["train", str(config), "--set", "eval.convention=ChatGLM", "--set", "model=/nonexistent"])

@@ -119,7 +119,18 @@ def _score_generation(model: Any, tokenizer: Any, rows: list[dict[str, Any]], da
                                        max_new_tokens=evaluation.get("max_new_tokens", 48),
                                        batch_size=evaluation.get("batch_size", 16),
                                        chat_template=data.get("chat_template", True), progress=progress)
-    return text_scores(predictions, [r["response"] for r in rows]), predictions
+    return text_scores(predictions, [r["response"] for r in rows], convention=_convention(evaluation)), predictions
+
+
+def _convention(evaluation: dict[str, Any]) -> str:
+    """``eval.convention``: how ROUGE/BLEU are computed (``reftkit``, or ``chatglm``: the P-Tuning v2 seed's), checked
+    before any model is loaded."""
+    from reftkit.analysis.text_metrics import CONVENTIONS
+
+    convention = evaluation.get("convention", "reftkit")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"eval.convention={convention!r}: choose one of {', '.join(map(repr, CONVENTIONS))}")
+    return convention
 
 
 def run_train(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -138,12 +149,14 @@ def run_train(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     out_dir = Path(config["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     data, evaluation = config["data"], config.get("eval", {})
+    metric_convention = _convention(evaluation)
     task = config.get("task", "generation")
     model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
     quantize_base(model, config.get("quantization"))
     examples = load_examples(data)
     metrics: dict[str, Any] = {"model": config["model"], "task": task, "n_train": len(examples["train"]),
                                "n_eval": len(examples["eval"]), "quantization": config.get("quantization"),
+                               "metric_convention": metric_convention,
                                "base_weight_mb": round(_weight_bytes(model) / 2 ** 20, 1)}
     answers: dict[str, list[str]] = {}
     if task == "generation" and evaluation.get("before", True):
@@ -243,6 +256,7 @@ def run_eval(config: dict[str, Any], interventions: str | Path | None = None) ->
     import reftkit
 
     data, evaluation = config["data"], config.get("eval", {})
+    _convention(evaluation)
     model, tokenizer = reftkit.load_model(config["model"], dtype=config.get("dtype"))
     quantize_base(model, config.get("quantization"))
     examples = load_examples(data)

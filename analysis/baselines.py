@@ -19,6 +19,12 @@ Method names (:data:`WEIGHT_SPACE_METHODS`) and what they build:
 ``svf``             :func:`reftkit.analysis.svf.apply_svf` — Sun et al. 2025, "Transformer²"
 ``fpft``            every base parameter trained, on a deep copy (the reference row of every paper table)
 ==================  =====================================================================================
+
+P-tuning as published places its pseudo tokens in a template around the input, with anchor tokens and a
+bidirectional-LSTM + MLP prompt encoder; peft's ``p_tuning`` above only prepends them. That form is
+:func:`reftkit.analysis.ptuning.get_ptuning_model` (a template such as ``"[P*3] {input} [P*2] ? [P]
+{output}"``, encoder ``"lstm"``, ``"mlp"`` or ``"none"``), the ``p_tuning_template`` method of
+:func:`reftkit.analysis.compare`.
 """
 from __future__ import annotations
 

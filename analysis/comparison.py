@@ -108,13 +108,17 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return set(ids) if isinstance(ids, (list, tuple)) else ({ids} if ids is not None else set())
 
 
-def _build(model: nn.Module, method: Method) -> Any:
+def _build(model: nn.Module, method: Method, tokenizer: Any) -> Any:
     import reftkit
 
     from .baselines import get_weight_space_model
 
     if method.kind == "reft":
         return reftkit.get_reft_model(model, method.representations())
+    if method.kind == "template":
+        from .ptuning import get_ptuning_model
+
+        return get_ptuning_model(model, tokenizer, **method.options)
     return get_weight_space_model(model, method.name, **method.options)
 
 
@@ -161,8 +165,8 @@ def compare(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train
     """Train and evaluate each of ``methods`` on ``model`` with one shared budget.
 
     ``methods``: names (``"loreft"``, ``"direft"``, ``"lora"``, ``"ia3"``, ``"svf"``, ``"prompt_tuning"``,
-    ``"prefix_tuning"``, ``"p_tuning_v2"``, ``"p_tuning"``, ``"fpft"``, ``"base"``), ``(name, options)``
-    tuples or :class:`~reftkit.analysis.methods.Method` objects (which also carry a learning rate).
+    ``"prefix_tuning"``, ``"p_tuning_v2"``, ``"p_tuning"``, ``"p_tuning_template"``, ``"fpft"``, ``"base"``),
+    ``(name, options)`` tuples or :class:`~reftkit.analysis.methods.Method` objects (which also carry a learning rate).
     ``training``: ``TrainingArguments`` fields shared by every method (epochs, batch size, schedule, ...;
     ``seed`` defaults to ``seed``). With ``output_dir`` each method's trained weights are kept in
     ``output_dir/<label>/`` and the table is written to ``compare.csv`` and ``compare.json`` there.
@@ -192,7 +196,7 @@ def compare(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train
     keep = Path(output_dir) if output_dir is not None else None
     for method in tqdm(specs, desc="compare", disable=not progress):
         torch.manual_seed(seed)
-        adapted = None if method.kind == "base" else _build(model, method)
+        adapted = None if method.kind == "base" else _build(model, method, tokenizer)
         trainable, total = _counts(adapted, model)
         row: dict[str, Any] = {"method": method.label, "name": method.name, "kind": method.kind,
                                "num_trainable_params": trainable, "num_total_params": total,

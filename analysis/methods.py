@@ -8,7 +8,9 @@ budget (epochs, batch size, schedule, seed) is shared by all methods of one comp
 Default learning rates are each method's usual choice at this scale, not tuned on the recipe:
 ReFT 2e-3 (reftkit's 1k recipe), LoRA 5e-4, IA3 3e-3 (T-Few), SVF 2e-3 (the Transformer² code's
 ``lr``), prefix / P-Tuning v2 / P-tuning 5e-3 (peft's MetaMathQA prefix-tuning runs), prompt tuning
-3e-2, full fine-tuning 2e-5 (peft's full-finetuning run uses 1e-5 on a 3B model).
+3e-2, full fine-tuning 2e-5 (peft's full-finetuning run uses 1e-5 on a 3B model). Template P-tuning
+(``p_tuning_template``, :mod:`reftkit.analysis.ptuning`) trains as P-tuning does, with 5e-3, on a template of
+10 pseudo tokens (5 before the input, 5 after) by default.
 """
 from __future__ import annotations
 
@@ -22,9 +24,13 @@ REFT_DEFAULT_REPRESENTATION = {"layer": "all", "component": "block_output", "pos
 # a bottleneck adapter acts on every token (Houlsby et al. 2019), with its own size option
 ADAPTER_DEFAULT_REPRESENTATION = {"layer": "all", "component": "block_output", "positions": "all"}
 _LEARNING_RATES = {"reft": 2e-3, "lora": 5e-4, "ia3": 3e-3, "svf": 2e-3, "prefix_tuning": 5e-3,
-                   "p_tuning_v2": 5e-3, "p_tuning": 5e-3, "prompt_tuning": 3e-2, "fpft": 2e-5, "base": 0.0}
+                   "p_tuning_v2": 5e-3, "p_tuning": 5e-3, "prompt_tuning": 3e-2, "fpft": 2e-5, "base": 0.0,
+                   "p_tuning_template": 5e-3}
 _OPTIONS: dict[str, dict[str, Any]] = {"lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-                                       **{m: {"num_virtual_tokens": 10} for m in PROMPT_METHODS}}
+                                       **{m: {"num_virtual_tokens": 10} for m in PROMPT_METHODS},
+                                       "p_tuning_template": {"template": "[P*5] {input} [P*5] {output}"}}
+#: methods built with the tokenizer (their templates hold text): kind ``template``
+TEMPLATE_METHODS = ("p_tuning_template",)
 
 
 def reft_method_names() -> tuple[str, ...]:
@@ -36,9 +42,12 @@ def reft_method_names() -> tuple[str, ...]:
 
 
 def method_kind(name: str) -> str:
-    """``reft``, ``peft``, ``svf``, ``fpft`` or ``base``; unknown names raise, listing the known ones."""
+    """``reft``, ``peft``, ``svf``, ``fpft``, ``template`` or ``base``; unknown names raise, listing the known
+    ones."""
     if name == "base":
         return "base"
+    if name in TEMPLATE_METHODS:
+        return "template"
     if name in ("svf", "fpft"):
         return name
     if name in WEIGHT_SPACE_METHODS:
@@ -46,7 +55,8 @@ def method_kind(name: str) -> str:
     known = reft_method_names()
     if name in known:
         return "reft"
-    raise ValueError(f"unknown method {name!r}; choose one of: base, {', '.join(WEIGHT_SPACE_METHODS)}, "
+    names = WEIGHT_SPACE_METHODS + TEMPLATE_METHODS
+    raise ValueError(f"unknown method {name!r}; choose one of: base, {', '.join(names)}, "
                      f"or a ReFT intervention ({', '.join(known)})")
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "methods": ("Method", "as_method", "method_kind", "reft_method_names"),
     "comparison": ("compare", "plot_comparison"),
     "layer_sweep": ("sweep", "plot_sweep"),
+    "layer_shrink": ("shrink_layers", "plot_shrink"),
     "representations": ("hidden_states", "representation_changes", "fit_pca", "PCA", "pca_before_after",
                         "plot_representation_changes", "plot_pca"),
     "subspaces": ("principal_angles", "subspace_similarity", "reft_subspaces", "lora_subspaces", "logit_lens",
@@ -23,6 +24,8 @@ _EXPORTS = {
     "patching": ("mean_activation", "steering_vector", "activation_patching", "plot_patching"),
     "text_metrics": ("bleu4", "rouge", "exact_match", "text_scores", "generate_predictions",
                      "evaluate_generation", "generation_scores"),
+    "ptuning": ("PTuningModel", "get_ptuning_model"),
+    "ptuning_template": ("parse_template", "TemplateLayout", "PromptEncoder"),
     "prompt_ensemble": ("PromptEnsembleModel", "get_prompt_ensemble", "ensemble_rank_classify", "majority_vote",
                         "EnsemblePrediction"),
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -38,6 +38,62 @@ def _eval_loss(model: Any, dataset: Any, collator: Any, batch_size: int) -> floa
     return total / max(count, 1)
 
 
+def _base_eval_loss(model: Any, tokenizer: Any, eval_inputs: Sequence[str], eval_outputs: Sequence[str],
+                    chat_template: bool, batch_size: int) -> float:
+    """The bare model's ``_eval_loss`` on the held-out pairs."""
+    import reftkit
+
+    module = reftkit.make_last_position_supervised_data_module(
+        tokenizer, model, eval_inputs, eval_outputs, chat_template=chat_template)
+    return _eval_loss(model, module["train_dataset"], module["data_collator"], batch_size)
+
+
+def _train_and_score(model: nn.Module, tokenizer: Any, representations: list[dict[str, Any]],
+                     train_inputs: Sequence[str], train_outputs: Sequence[str], eval_inputs: Sequence[str],
+                     eval_outputs: Sequence[str], *, learning_rate: float, training: dict[str, Any] | None,
+                     chat_template: bool, seed: int, eval_batch_size: int,
+                     inspect: Callable[[Any, Callable[[], float]], Any] | None = None) -> dict[str, Any]:
+    """Attach ``representations`` to ``model`` (seeded with ``seed``), train them with ``ReftTrainer`` on the
+    training pairs and score them on the held-out pairs; the model is detached again whatever happens.
+
+    Returns ``eval_loss``, ``num_trainable_params``, ``train_time`` (seconds in ``trainer.train()``) and, when
+    ``inspect`` is given, ``inspected``: what ``inspect(reft, held_out_loss)`` returns, called after
+    training while the interventions are still attached (``held_out_loss()`` re-scores the model as it is
+    then, e.g. with some interventions switched off)."""
+    from transformers import TrainingArguments
+
+    import reftkit
+    from reftkit.training import ReftTrainer
+
+    torch.manual_seed(seed)
+    reft = reftkit.get_reft_model(model, representations)
+    try:
+        module = reftkit.make_multiple_position_supervised_data_module(
+            tokenizer, reft, train_inputs, train_outputs, positions=None, chat_template=chat_template,
+            eval_inputs=eval_inputs, eval_outputs=eval_outputs)
+        with tempfile.TemporaryDirectory() as scratch:
+            args = TrainingArguments(**{"report_to": [], "save_strategy": "no", "disable_tqdm": True,
+                                        "use_cpu": not torch.cuda.is_available(), "seed": seed,
+                                        **(training or {}), "output_dir": scratch,
+                                        "learning_rate": learning_rate})
+            trainer = ReftTrainer(model=reft, args=args, train_dataset=module["train_dataset"],
+                                  data_collator=module["data_collator"])
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+        reft.eval()
+
+        def held_out_loss() -> float:
+            return _eval_loss(reft, module["eval_dataset"], module["data_collator"], eval_batch_size)
+        cell = {"eval_loss": held_out_loss(), "num_trainable_params": reft.parameter_counts()["trainable"],
+                "train_time": seconds}
+        if inspect is not None:
+            cell["inspected"] = inspect(reft, held_out_loss)
+        return cell
+    finally:
+        reft.detach()
+
+
 def sweep(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train_outputs: Sequence[str],
           eval_inputs: Sequence[str], eval_outputs: Sequence[str], *, layers: Sequence[int | str] = ("all",),
           positions: Sequence[str] = ("l1",), intervention: str = "loreft", component: str = "block_output",
@@ -50,10 +106,8 @@ def sweep(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train_o
     nats per token; higher is better), ``num_trainable_params`` and ``train_time``. ``model`` is left
     as it was."""
     from tqdm.auto import tqdm
-    from transformers import TrainingArguments
 
     import reftkit
-    from reftkit.training import ReftTrainer
 
     if not layers or not positions:
         raise ValueError(f"layers={list(layers)} and positions={list(positions)} must both be non-empty")
@@ -66,38 +120,19 @@ def sweep(model: nn.Module, tokenizer: Any, train_inputs: Sequence[str], train_o
     for spec in positions:
         reftkit.parse_positions(spec)  # raises PositionError naming the bad spec
     train_inputs, train_outputs = list(train_inputs)[:subset], list(train_outputs)[:subset]
-    base_module = reftkit.make_last_position_supervised_data_module(
-        tokenizer, model, eval_inputs, eval_outputs, chat_template=chat_template)
-    base_loss = _eval_loss(model, base_module["train_dataset"], base_module["data_collator"], eval_batch_size)
+    base_loss = _base_eval_loss(model, tokenizer, eval_inputs, eval_outputs, chat_template, eval_batch_size)
     rows = []
     grid = [(layer, spec) for layer in layers for spec in positions]
     for layer, spec in tqdm(grid, desc="sweep", disable=not progress):
-        torch.manual_seed(seed)
-        reft = reftkit.get_reft_model(model, [{"layer": layer, "component": component, "positions": spec,
-                                               "intervention": intervention,
-                                               "low_rank_dimension": low_rank_dimension}])
-        try:
-            module = reftkit.make_multiple_position_supervised_data_module(
-                tokenizer, reft, train_inputs, train_outputs, positions=None, chat_template=chat_template,
-                eval_inputs=eval_inputs, eval_outputs=eval_outputs)
-            with tempfile.TemporaryDirectory() as scratch:
-                args = TrainingArguments(**{"report_to": [], "save_strategy": "no", "disable_tqdm": True,
-                                            "use_cpu": not torch.cuda.is_available(), "seed": seed,
-                                            **(training or {}), "output_dir": scratch,
-                                            "learning_rate": learning_rate})
-                trainer = ReftTrainer(model=reft, args=args, train_dataset=module["train_dataset"],
-                                      data_collator=module["data_collator"])
-                start = time.perf_counter()
-                trainer.train()
-                seconds = time.perf_counter() - start
-            reft.eval()
-            loss = _eval_loss(reft, module["eval_dataset"], module["data_collator"], eval_batch_size)
-            rows.append({"layer": layer, "positions": spec, "eval_loss": loss, "base_eval_loss": base_loss,
-                         "improvement": base_loss - loss,
-                         "num_trainable_params": reft.parameter_counts()["trainable"],
-                         "train_time": seconds})
-        finally:
-            reft.detach()
+        cell = _train_and_score(model, tokenizer, [{"layer": layer, "component": component, "positions": spec,
+                                                    "intervention": intervention,
+                                                    "low_rank_dimension": low_rank_dimension}],
+                                train_inputs, train_outputs, eval_inputs, eval_outputs,
+                                learning_rate=learning_rate, training=training, chat_template=chat_template,
+                                seed=seed, eval_batch_size=eval_batch_size)
+        rows.append({"layer": layer, "positions": spec, "eval_loss": cell["eval_loss"], "base_eval_loss": base_loss,
+                     "improvement": base_loss - cell["eval_loss"],
+                     "num_trainable_params": cell["num_trainable_params"], "train_time": cell["train_time"]})
     return pd.DataFrame(rows)
 
 

@@ -289,15 +289,85 @@ def test_fusion_init_freezing_and_regularisation():
     assert not any(p.requires_grad for p in fu.adapters.parameters())
     assert all(p.requires_grad for n, p in fu.named_parameters() if not n.startswith("adapters."))
     assert AdapterFusion(6, adapters=[{}], train_adapters=True).adapters[0].up.weight.requires_grad
-    with torch.no_grad():
-        fu.value.weight.add_(0.1)
-    torch.testing.assert_close(fu.regularization_loss(), 0.01 * (torch.eye(6) - fu.value.weight).pow(2).sum())
+    # value_initialized: W_V = I + 1e-6 off the diagonal, so 0.01 · 30 · 1e-12
+    assert fu.regularization_loss().item() == pytest.approx(3e-13, rel=1e-3)
     static = AdapterFusion(6, adapters=[{}, {}], value=False, value_initialized=False)
     assert static.value is None and float(static.regularization_loss()) == 0.0
     # gradients reach the fusion, not the frozen adapters
     h = torch.randn(2, 3, 6)
     fu(h).sum().backward()
     assert fu.query.weight.grad is not None and fu.adapters[0].up.weight.grad is None
+
+
+def test_fusion_regularisation_by_hand():
+    """adapters' get_fusion_regularization_loss: 0.01 · ||I − W_V||_F², summed over the fusion layers."""
+    fu = AdapterFusion(3, adapters=[{"bottleneck_dim": 1}, {"bottleneck_dim": 1}])
+    with torch.no_grad():
+        fu.value.weight.copy_(torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, -2.0, 3.0]]))
+    loss = fu.regularization_loss()
+    # I − W_V has the entries −0.5, 2, −2 off the identity: 0.25 + 4 + 4 = 8.25
+    assert loss.item() == pytest.approx(0.0825, rel=1e-6)
+    loss.backward()
+    # d/dW_V of 0.01 · ||I − W_V||² is 0.02 · (W_V − I)
+    want = [[0.0, 0.01, 0.0], [0.0, 0.0, 0.0], [0.0, -0.04, 0.04]]
+    assert fu.value.weight.grad.tolist() == [pytest.approx(row, abs=1e-7) for row in want]
+    # a ReftModel's four fusion layers (two layers × attention and MLP), W_V = I + c·E_01 with c = 1, 2, 3, 4:
+    # 0.01 · (1 + 4 + 9 + 16)
+    model = _base("llama")
+    a = reftkit.get_reft_model(model, houlsby_representations(model, reduction_factor=4))
+    a.detach()
+    reft = reftkit.get_reft_model(model, fusion_representations([a, a]))
+    fusions = list(reft.interventions.values())
+    assert len(fusions) == 4
+    with torch.no_grad():
+        for c, fusion in enumerate(fusions, start=1):
+            fusion.value.weight.copy_(torch.eye(fusion.value.weight.shape[0]))
+            fusion.value.weight[0, 1] = float(c)
+    assert fusion_regularization_loss(reft).item() == pytest.approx(0.30, rel=1e-6)
+    reft.detach()
+
+
+# truncated N(0, 0.01²) at ±2σ has sd 0.01 · sqrt(1 − 4φ(2) / (2Φ(2) − 1)) and 28.48% of its draws beyond 1σ
+_HOULSBY_SD = 0.01 * 0.8796256610
+_HOULSBY_BEYOND_1SD = 0.2847672280
+
+
+def test_houlsby_init_is_near_identity():
+    """Houlsby et al. 2019, §2.1: "a near-identity initialization" — both projections drawn from a zero-mean
+    Gaussian with standard deviation 1e-2 truncated to two standard deviations (adapters' "houlsby"),
+    biases 0, so the adapter's output starts within a small fraction of its input."""
+    d = 768
+    torch.manual_seed(0)
+    iv = BottleneckAdapter(d, reduction_factor=16, init_weights="houlsby")
+    m = iv.down.out_features
+    assert m == 48
+    for lin in (iv.down, iv.up):
+        w = lin.weight.detach().double()
+        assert float(w.abs().max()) <= 0.02  # truncated at 2σ
+        assert float(w.std()) == pytest.approx(_HOULSBY_SD, rel=0.03)  # 36,864 draws: the sd is within ~0.5%
+        assert float(w.mean()) == pytest.approx(0.0, abs=3e-4)
+        assert float((w.abs() > 0.01).double().mean()) == pytest.approx(_HOULSBY_BEYOND_1SD, abs=0.015)
+        assert not lin.bias.detach().any()
+    # output ≈ input. With swish(x) ≈ x/2 near 0, the edit is ≈ W_up W_down h / 2, whose expected squared norm is
+    # d·m·sd⁴·||h||² / 4: the relative edit is sqrt(d·m)·sd² / 2 ≈ 0.0074 — near, but not exactly, the identity
+    h = torch.randn(4, 6, d)
+    with torch.no_grad():
+        relative = float((iv(h) - h).norm() / h.norm())
+    assert relative == pytest.approx((d * m) ** 0.5 * _HOULSBY_SD ** 2 / 2, rel=0.15)
+    # negative control: the same adapter with nn.Linear's default (Kaiming-uniform) init is far from the identity
+    with torch.no_grad():
+        for lin in (iv.down, iv.up):
+            lin.reset_parameters()
+        assert float((iv(h) - h).norm() / h.norm()) > 0.1
+    # in a model: Houlsby adapters at init leave a Llama's hidden states within 0.1% (relative)
+    model = _base("llama")
+    golden = _golden("llama")
+    base = _run(model, golden)
+    reft = reftkit.get_reft_model(model, houlsby_representations(model, reduction_factor=4, init_weights="houlsby"))
+    adapted = _run(reft, golden)
+    reft.detach()
+    change = float((adapted - base).norm() / base.norm())
+    assert 0 < change < 1e-3
 
 
 def test_dtype_round_trip_and_float32_weights():

@@ -1,13 +1,12 @@
 """Transformer²'s REINFORCE objective (reftkit.experts.policy_gradient) against hand computations:
-unpadded forwards + log_softmax + gather, ``F.kl_div`` on the same rows, generate's own logits, and
-training runs on tiny models whose reward prefers one word."""
+unpadded forwards + log_softmax + gather, KL(π_ref ‖ π) written out in float64 (and in closed form against a
+uniform reference), generate's own logits, and training runs on tiny models whose reward prefers one word."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import WORDS, pad_batch, tiny_llama, tiny_tokenizer
 
 import reftkit
@@ -107,8 +106,13 @@ def test_reinforce_loss_by_hand_and_gradients_reach_only_the_interventions():
     with torch.no_grad():
         ref = [hand(model, p, c)[1] for p, c in zip(PROMPT_TOKENS, COMPLETION_TOKENS)]
         pg_hand = -sum(float(r) * float(lp.sum()) for r, (lp, _) in zip(rewards, policy)) / 3
-        kl_hand = float(F.kl_div(torch.cat([rows for _, rows in policy]), torch.cat(ref), log_target=True,
-                                 reduction="sum")) / 3
+        # KL(π_ref ‖ π) = Σ_t Σ_v π_ref(v) (log π_ref(v) − log π(v)) per completion, the docstring's direction
+        # (the base model's distribution first), in float64, averaged over the 3 completions
+        log_ref = torch.cat(ref).double()
+        log_pi = torch.cat([rows for _, rows in policy]).double()
+        kl_hand = float((log_ref.exp() * (log_ref - log_pi)).sum()) / 3
+        kl_reverse = float((log_pi.exp() * (log_pi - log_ref)).sum()) / 3  # KL(π ‖ π_ref)
+    assert abs(kl_reverse - kl_hand) > 1e-3 * kl_hand  # 10x the tolerance below: the directions are told apart
     prompt_ids, completion_ids, prompt_mask, completion_mask = batched("left")
     parts = reinforce_loss(reft, prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
                            ref_rows=torch.cat(ref), kl_coef=0.3)
@@ -119,6 +123,26 @@ def test_reinforce_loss_by_hand_and_gradients_reach_only_the_interventions():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in reft.interventions.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert rewards.grad is None
+
+
+def test_kl_against_a_uniform_reference_in_closed_form():
+    """With π_ref uniform over V tokens, KL(π_ref ‖ π) = Σ_t (−log V − (1/V) Σ_v log π(v | ·)): the mean
+    negative log-probability over the vocabulary, not π's entropy (which KL(π ‖ π_ref) = log V − H(π) reads)."""
+    model = tiny_llama()
+    prompt_ids, completion_ids, prompt_mask, completion_mask = batched("right")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # far from uniform: here KL(π_ref ‖ π) ≈ 9.1, KL(π ‖ π_ref) ≈ 5.3
+        rows = completion_logprobs(model, prompt_ids, completion_ids, prompt_mask, completion_mask,
+                                   return_rows=True).rows.double()
+        vocab = rows.shape[-1]
+        uniform = torch.full(rows.shape, -math.log(vocab))
+        parts = reinforce_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask, torch.zeros(3),
+                               ref_rows=uniform, kl_coef=1.0)
+    forward = float((-math.log(vocab) - rows.mean(-1)).sum()) / 3
+    reverse = float((math.log(vocab) + (rows.exp() * rows).sum(-1)).sum()) / 3
+    assert parts["pg"].item() == 0.0
+    assert parts["kl"].item() == pytest.approx(forward, rel=1e-4)
+    assert abs(forward - reverse) > 0.2 * forward
 
 
 @pytest.mark.parametrize("bad, shown", [

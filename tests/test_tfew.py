@@ -225,13 +225,53 @@ def test_tfew_loss_parts_by_hand():
     assert float(tfew_loss(logp, mask, correct, choice_mask, weights=["ul"])["loss"]) == pytest.approx(ul, rel=1e-12)
 
 
-def test_tfew_loss_with_equal_choice_counts_is_the_existing_functions():
-    logp, mask, correct, _ = _loss_inputs()
-    logp, mask, correct = logp[:1], mask[:1], correct[:1]
-    parts = tfew_loss(logp, mask, correct)
-    assert torch.equal(parts["ul"], unlikelihood_loss(logp, mask, correct))
-    assert torch.equal(parts["ln"], length_normalized_loss(logp, mask, correct))
-    assert float(parts["lm"]) == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2, rel=1e-12)
+# every example with all three choices (no choice_mask): example 0 is right with choice 2, example 1 with choice 0;
+# each choice's token probabilities, the padded slots holding p = 0.999 that a missing mask would count
+EQUAL = [[[1 / 2, 1 / 4], [1 / 8, 0.999], [1 / 2, 1 / 2]],
+         [[1 / 4, 0.999], [3 / 4, 1 / 2], [1 / 2, 0.999]]]
+EQUAL_LENGTHS = [[2, 1, 2], [1, 2, 1]]
+LN2 = math.log(2)
+# L_UL: the six incorrect tokens 1/2 1/4 1/8 | 3/4 1/2 1/2, −Σ log(1 − p) / 6 = (5 ln 2 + ln 4/3 + ln 8/7) / 6
+EQUAL_UL = (5 * LN2 + math.log(4 / 3) + math.log(8 / 7)) / 6                          # 0.6478248946
+# L_LN: β = mean token log p; exp β per choice is 2^-1.5, 1/8, 1/2 (example 0) and 1/4, √(3/8), 1/2 (example 1);
+# each example's loss is −log(exp β_correct / Σ exp β)
+EQUAL_LN = (math.log((2 ** -1.5 + 1 / 8 + 1 / 2) / (1 / 2))                           # 0.6714672506
+            + math.log((1 / 4 + math.sqrt(3 / 8) + 1 / 2) / (1 / 4))) / 2              # 1.6955219791
+# L_LM: the correct choices' tokens 1/2 1/2 | 1/4: (ln 2 + ln 2 + 2 ln 2) / 3
+EQUAL_LM = 4 * LN2 / 3                                                                  # 0.9241962407
+
+
+def _equal_inputs():
+    logp = torch.tensor(EQUAL, dtype=torch.float64).log()
+    mask = torch.tensor([[[t < n for t in range(2)] for n in row] for row in EQUAL_LENGTHS])
+    return logp, mask, torch.tensor([2, 0])
+
+
+def test_unlikelihood_and_length_normalised_losses_by_hand():
+    """Each function on its own against the paper's formulas worked by hand (Liu et al. 2022, §3.2)."""
+    logp, mask, correct = _equal_inputs()
+    assert float(unlikelihood_loss(logp, mask, correct)) == pytest.approx(EQUAL_UL, rel=1e-12)
+    assert float(length_normalized_loss(logp, mask, correct)) == pytest.approx(EQUAL_LN, rel=1e-12)
+    parts = tfew_loss(logp, mask, correct)  # no choice_mask: every example has all C choices
+    assert float(parts["ul"]) == pytest.approx(EQUAL_UL, rel=1e-12)
+    assert float(parts["ln"]) == pytest.approx(EQUAL_LN, rel=1e-12)
+    assert float(parts["lm"]) == pytest.approx(EQUAL_LM, rel=1e-12)
+    assert float(parts["loss"]) == pytest.approx(EQUAL_LM + EQUAL_UL + EQUAL_LN, rel=1e-12)
+    # the choice of the correct answer matters: example 1 right with choice 1 instead changes every term
+    other = torch.tensor([2, 1])
+    ul = (LN2 + math.log(4 / 3) + math.log(8 / 7) + math.log(4 / 3) + LN2) / 5        # 1/2 1/4 1/8 | 1/4 1/2
+    assert float(unlikelihood_loss(logp, mask, other)) == pytest.approx(ul, rel=1e-12)
+    ln1 = math.log((1 / 4 + math.sqrt(3 / 8) + 1 / 2) / math.sqrt(3 / 8))
+    assert float(length_normalized_loss(logp, mask, other)) == pytest.approx(
+        (math.log((2 ** -1.5 + 1 / 8 + 1 / 2) / (1 / 2)) + ln1) / 2, rel=1e-12)
+
+
+def test_unlikelihood_is_finite_and_exact_near_p_one():
+    """−log(1 − p) for p = e^(−ε): 1 − p = ε − ε²/2 + …, so the loss is −log ε + ε/2 to O(ε²)."""
+    for eps in (1e-3, 1e-6, 1e-9):
+        logp = torch.tensor([[[-1.0], [-eps]]], dtype=torch.float64)  # the wrong choice has p = e^(−ε)
+        got = float(unlikelihood_loss(logp, torch.ones_like(logp, dtype=torch.bool), torch.tensor([0])))
+        assert got == pytest.approx(-math.log(eps) + eps / 2 - eps ** 2 / 24, rel=1e-12)
 
 
 def test_loss_terms_errors_name_the_term():

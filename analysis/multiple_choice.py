@@ -14,6 +14,11 @@ through :meth:`reftkit.ReftModel.intervening` with a mask covering the prompt on
 itself runs with the full mask. In a causal model the prompt's states do not depend on later tokens,
 so the edited prompt states are those of generation, and every choice is scored under the same
 edit. ``locations_fn`` overrides this (e.g. for a config with ``positions=None``).
+
+Encoder-decoder models (T5, BART): the prompt is the encoder's input and each choice the decoder's targets,
+scored by the decoder given the encoder input; a ReftModel's entries act at their positions over their own
+stack's input (``locations_fn`` then indexes the prompt for encoder entries and the decoder's input for
+decoder ones).
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from reftkit.anatomy import is_encoder_decoder
 from reftkit.model import ReftModel
-from reftkit.training.logprobs import continuation_logprobs, label_positions, predicting_states
+from reftkit.training.logprobs import continuation_logprobs, label_positions, predicting_states, seq2seq_logprobs
 
 from .common import model_device
 
@@ -39,6 +45,8 @@ def _pad_id(tokenizer: Any) -> int:
 def _batch_scores(model: Any, prompt_ids: list[list[int]], choice_ids: list[list[int]], pad: int,
                   length_normalised: bool, locations_fn: LocationsFn | None) -> list[float]:
     """Scores of one batch of (prompt, choice) pairs, right-padded into one forward pass."""
+    if is_encoder_decoder(model.model if isinstance(model, ReftModel) else model):
+        return _seq2seq_scores(model, prompt_ids, choice_ids, pad, length_normalised, locations_fn)
     device = model_device(model)
     p_len = torch.tensor([len(p) for p in prompt_ids], device=device)
     c_len = torch.tensor([len(c) for c in choice_ids], device=device)
@@ -60,6 +68,24 @@ def _batch_scores(model: Any, prompt_ids: list[list[int]], choice_ids: list[list
     labels = ids.masked_fill(prompt_mask.bool() | ~mask.bool(), -100)
     total = continuation_logprobs(states, *label_positions(labels), head).token_logprobs.sum(1)
     return (total / c_len if length_normalised else total).tolist()
+
+
+def _seq2seq_scores(model: Any, prompt_ids: list[list[int]], choice_ids: list[list[int]], pad: int,
+                    length_normalised: bool, locations_fn: LocationsFn | None) -> list[float]:
+    """An encoder-decoder model's scores: the prompt is the encoder's input, the choice the decoder's targets,
+    so a ReftModel's encoder entries act on the prompt and its decoder entries over the decoder's input."""
+    device = model_device(model)
+    p_len = torch.tensor([len(p) for p in prompt_ids], device=device)
+    ids = torch.full((len(prompt_ids), int(p_len.max())), pad, dtype=torch.long, device=device)
+    labels = torch.full((len(choice_ids), max(len(c) for c in choice_ids)), -100, dtype=torch.long, device=device)
+    for row, (p, c) in enumerate(zip(prompt_ids, choice_ids)):
+        ids[row, :len(p)] = torch.tensor(p, device=device)
+        labels[row, :len(c)] = torch.tensor(c, device=device)
+    mask = (torch.arange(ids.shape[1], device=device) < p_len[:, None]).long()
+    locations = locations_fn(p_len, mask) if locations_fn is not None else None
+    out = seq2seq_logprobs(model, ids, mask, labels, locations)
+    total = out.token_logprobs.sum(1)
+    return (total / out.mask.sum(1) if length_normalised else total).tolist()
 
 
 @torch.no_grad()

@@ -87,6 +87,10 @@ PEFT_IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
     "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
     "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    # encoder-decoder models: both stacks, the decoder's cross-attention keys and values included
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "mt5": (("k", "v", "wi_1"), ()),  # peft scales wi_1's output there, not an FFN input
+    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
     "roberta": (("key", "value", "output.dense"), ("output.dense",)),
 }
 
@@ -103,7 +107,7 @@ def _names(value: Any, field: str) -> tuple[str, ...]:
 
 def ia3_representations(model: nn.Module, target_modules: Iterable[str] | None = None,
                         feedforward_modules: Iterable[str] | None = None, layers: Any = "all",
-                        positions: str = "all") -> list[dict[str, Any]]:
+                        positions: str = "all", stack: str | None = None) -> list[dict[str, Any]]:
     """``ReftConfig`` entries that place :class:`IA3` where peft's ``IA3Config`` would.
 
     ``target_modules`` / ``feedforward_modules`` are module names matched as peft matches them (a
@@ -119,8 +123,16 @@ def ia3_representations(model: nn.Module, target_modules: Iterable[str] | None =
     ``mlp_activation``, which for a gated MLP is ``act(gate)`` before ``* up`` and so equal only up
     to rounding. ``layers`` is ``"all"`` or a list of block indices (peft's ``layers_to_transform``);
     ``positions`` defaults to ``"all"`` (every real token), which is what IA3 means.
+
+    Encoder-decoder models (T5, BART): ``stack="encoder"`` / ``"decoder"`` places IA3 in one stack; left out, in
+    both, as peft does (the decoder's cross-attention keys and values get ``cross_key_output`` /
+    ``cross_value_output``, whose positions count over the encoder input).
     """
-    from reftkit.structure import StructureError, find_layers, resolve_site
+    from reftkit.structure import StructureError, find_layers, is_encoder_decoder, resolve_site, stack_root
+
+    if stack is None and is_encoder_decoder(model):
+        return [entry for which in ("encoder", "decoder") for entry in ia3_representations(
+            model, target_modules, feedforward_modules, layers, positions, which)]
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if target_modules is None:
@@ -144,7 +156,8 @@ def ia3_representations(model: nn.Module, target_modules: Iterable[str] | None =
         raise InterventionError(f"ia3_representations: positions={positions!r} must be a position string")
 
     try:
-        layers_path, blocks = find_layers(model)
+        layers_path, blocks = find_layers(model, stack)
+        root = stack_root(model, stack)[0]
     except StructureError as err:
         raise InterventionError(f"ia3_representations: {err}") from None
     if layers == "all":
@@ -160,8 +173,9 @@ def ia3_representations(model: nn.Module, target_modules: Iterable[str] | None =
         return any(key == t or key.endswith("." + t) for t in targets)
 
     prefix = f"{layers_path}." if layers_path else ""
-    outside = [key for key, _ in model.named_modules()
-               if key and is_target(key) and not any(key.startswith(f"{prefix}{i}.") for i in range(len(blocks)))]
+    in_stack = [key for key, _ in model.named_modules() if key and (not root or key.startswith(root + "."))]
+    outside = [key for key in in_stack
+               if is_target(key) and not any(key.startswith(f"{prefix}{i}.") for i in range(len(blocks)))]
     if outside:
         raise InterventionError(f"ia3_representations: target_modules={list(targets)!r} matches {outside[0]!r}, "
                                 f"which is outside the layer stack {layers_path!r}; reftkit places IA3 per layer")
@@ -183,9 +197,10 @@ def ia3_representations(model: nn.Module, target_modules: Iterable[str] | None =
     for (rel, hook), where in sites.items():
         component = f"{layers_path}.{{layer}}.{rel}:{hook}" if layers_path else f"{{layer}}.{rel}:{hook}"
         if hook == "output":
-            for name in ("query_output", "key_output", "value_output"):
+            cross = ("cross_query_output", "cross_key_output", "cross_value_output") if stack == "decoder" else ()
+            for name in ("query_output", "key_output", "value_output", *cross):
                 try:
-                    named = [resolve_site(model, i, name) for i in where]
+                    named = [resolve_site(model, i, name, stack=stack) for i in where]
                 except StructureError:
                     continue
                 if all(s.fused is None and s.hook == "output" and s.module_path == f"{prefix}{i}.{rel}"
@@ -193,5 +208,6 @@ def ia3_representations(model: nn.Module, target_modules: Iterable[str] | None =
                     component = name
                     break
         layer: Any = "all" if where == list(range(len(blocks))) else list(where)
-        entries.append({"layer": layer, "component": component, "positions": positions, "intervention": "ia3"})
+        entries.append({"layer": layer, "component": component, "positions": positions, "intervention": "ia3",
+                        **({"stack": stack} if stack else {})})
     return entries

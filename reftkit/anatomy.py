@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 __all__ = ["StructureError", "FusedSlice", "Site", "find_layers", "num_layers", "hidden_size",
            "find_backbone_and_head", "text_config", "config_int", "feature_sizes", "feature_sizes_at", "find_part",
-           "is_activation", "arch_name", "hooked_paths", "max_positions"]
+           "is_activation", "arch_name", "hooked_paths", "max_positions", "STACKS", "is_encoder_decoder", "stack_root"]
 
 
 class StructureError(ValueError):
@@ -91,6 +91,10 @@ class Site:
     fused: FusedSlice | None = None
     heads: tuple[int, ...] | None = None
     num_heads: int | None = None
+    #: encoder-decoder models: the stack the site is in (``"encoder"`` / ``"decoder"``), and the sequence its
+    #: tensor runs along, which its positions count over (the encoder's for a cross-attention key or value)
+    stack: str | None = None
+    sequence: str | None = None
 
 
 #: config fields that give the longest sequence a model takes, across families (GPT-2's ``n_positions``,
@@ -99,8 +103,15 @@ MAX_POSITION_NAMES = ("max_position_embeddings", "n_positions", "max_sequence_le
                       "seq_length")
 
 # Names of a block's parts across transformers' model families.
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "SelfAttention")
+#: a decoder block's cross-attention over the encoder's output (T5's ``EncDecAttention``, BART's ``encoder_attn``)
+CROSS_ATTENTION_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "DenseReluDense")
+#: the stacks of an encoder-decoder model a representation names with ``stack=``
+STACKS = ("encoder", "decoder")
+#: config fields giving each stack's layer count (T5: num_layers / num_decoder_layers; BART: encoder_/decoder_layers)
+_STACK_LAYERS = {"encoder": ("encoder_layers", "num_layers"),
+                 "decoder": ("decoder_layers", "num_decoder_layers", "num_layers")}
 QUERY_NAMES = ("q_proj", "query", "wq", "query_proj", "q")
 KEY_NAMES = ("k_proj", "key", "wk", "key_proj", "k")
 VALUE_NAMES = ("v_proj", "value", "wv", "value_proj", "v")
@@ -186,16 +197,48 @@ def is_activation(module: nn.Module) -> bool:
 
 # ----------------------------------------------------------------------------- layers
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return the dotted path and the ``nn.ModuleList`` of decoder/encoder blocks.
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder (T5, BART, mT5 ...): its config says ``is_encoder_decoder``."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def stack_root(model: nn.Module, stack: str | None) -> tuple[str, nn.Module]:
+    """``(path, module)`` of the named stack of an encoder-decoder model (``get_encoder()`` / ``get_decoder()``);
+    ``("", model)`` for ``stack=None`` on a decoder-only model. Refuses a stack the model does not have, and a
+    missing one on an encoder-decoder model (picking one silently would put the edit in the wrong stack)."""
+    enc_dec = is_encoder_decoder(model)
+    if stack is None:
+        if enc_dec:
+            raise StructureError(f"stack=None: {arch_name(model)} is an encoder-decoder model; give stack='encoder' "
+                                 "or stack='decoder' (which of its two stacks the entry is in)")
+        return "", model
+    if stack not in STACKS:
+        raise StructureError(f"stack={stack!r} is not a stack; give 'encoder' or 'decoder'")
+    if not enc_dec:
+        raise StructureError(f"stack={stack!r}: {arch_name(model)} is not an encoder-decoder model (its config has no "
+                             "is_encoder_decoder=True), so it has one layer stack; leave stack out")
+    get = getattr(model, "get_encoder" if stack == "encoder" else "get_decoder", None)
+    root = get() if callable(get) else None
+    path = None if not isinstance(root, nn.Module) else _module_path(model, root)
+    if path is None or root is model:
+        raise StructureError(f"stack={stack!r}: {arch_name(model)} has no get_{stack}() module inside it")
+    return path, root
+
+
+def find_layers(model: nn.Module, stack: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return the dotted path and the ``nn.ModuleList`` of decoder/encoder blocks (of the named ``stack`` of an
+    encoder-decoder model, see :func:`stack_root`).
 
     Preference order: a list whose length equals the config's layer count, whose
     children share one class and contain an attention module; relaxing those
     checks one at a time; finally (no config, or pruned layers) the longest
     homogeneous list of blocks with an attention module.
     """
-    want = config_int(model, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
-    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    prefix, root = stack_root(model, stack)
+    want = config_int(model, *(_STACK_LAYERS[stack] if stack else ("num_hidden_layers", "n_layer", "num_layers",
+                                                                    "n_layers")))
+    lists = [(f"{prefix}.{p}" if prefix and p else p or prefix, m) for p, m in root.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m)]
 
     def homogeneous(ml: nn.ModuleList) -> bool:
         return len({type(c) for c in ml}) == 1
@@ -217,9 +260,9 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         f"num_hidden_layers={want} blocks (ModuleLists found: {seen})")
 
 
-def num_layers(model: nn.Module) -> int:
+def num_layers(model: nn.Module, stack: str | None = None) -> int:
     """Number of blocks in the layer stack returned by :func:`find_layers`."""
-    return len(find_layers(model)[1])
+    return len(find_layers(model, stack)[1])
 
 
 def max_positions(model: nn.Module) -> tuple[str, int] | None:

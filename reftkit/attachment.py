@@ -19,8 +19,8 @@ from torch import nn
 
 from reftkit.interventions import InterventionError
 
-from .anatomy import StructureError, find_layers
-from .config import ConfigError, ReftConfig
+from .anatomy import StructureError, find_layers, is_encoder_decoder, max_positions, num_layers, stack_root
+from .config import ConfigError, ReftConfig, RepresentationConfig
 from .hooks import Slot
 from .positions import PositionSpec, split_untied
 from .structure import Site, resolve_site
@@ -48,6 +48,56 @@ def base_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_stack(rep: RepresentationConfig, model: nn.Module, index: int) -> None:
+    """Refuse ``stack`` on a decoder-only model, and its absence on an encoder-decoder one (T5, BART ...): which
+    stack an entry is in is never guessed."""
+    try:
+        stack_root(model, rep.stack)
+    except StructureError as err:
+        if rep.stack is None and is_encoder_decoder(model):
+            raise ConfigError(f"representations[{index}].stack is missing: {type(model).__name__} is an "
+                              "encoder-decoder model; give stack='encoder' or stack='decoder'") from None
+        raise ConfigError(f"representations[{index}].{err}") from None
+
+
+def layers_in(rep: RepresentationConfig, model: nn.Module, index: int) -> list[int]:
+    """The entry's layers for ``model`` as given (negative ones count back; ``resolve_site`` range-checks
+    them), after refusing a list that names one layer twice once negatives are resolved (``[3, -1]`` of 4)."""
+    where = f"representations[{index}].layer"
+    if rep.layer == "all":
+        try:
+            return list(range(num_layers(model, rep.stack)))
+        except StructureError as err:
+            raise ConfigError(f"{where}='all': {err}; list the layers instead") from None
+    layers = [rep.layer] if isinstance(rep.layer, int) else list(rep.layer)
+    if len(layers) > 1 and any(layer < 0 for layer in layers):
+        try:
+            n = num_layers(model, rep.stack)
+        except StructureError:  # no layer stack (a raw path on an unknown model): negatives are refused there
+            return layers
+        seen: dict[int, int] = {}
+        for layer in layers:
+            idx = layer + n if layer < 0 else layer
+            if idx in seen and 0 <= idx < n:
+                raise ConfigError(f"{where}={rep.layer!r} names layer {idx} twice ({seen[idx]} and {layer} on this "
+                                  f"{type(model).__name__} of {n} layers); list each layer once")
+            seen[idx] = layer
+    return layers
+
+
+def check_positions_fit(rep: RepresentationConfig, model: nn.Module, index: int) -> None:
+    """Refuse a count beyond the longest sequence ``model`` reads (its ``max_position_embeddings``...)."""
+    spec, bound = rep.position_spec, max_positions(model)
+    if spec is None or spec.every or bound is None:
+        return
+    name, limit = bound
+    too_many = [f"{kind}{n}" for kind, n in (("f", spec.first), ("l", spec.last)) if n > limit]
+    if too_many:
+        raise ConfigError(
+            f"representations[{index}].positions={rep.positions!r}: {too_many[0]} asks for more tokens than this "
+            f"{type(model).__name__} reads ({name}={limit}); give at most {limit} per term, or positions='all'")
+
+
 def build_slots(model: nn.Module, config: ReftConfig, interventions: nn.ModuleDict
                 ) -> tuple[list[Slot], list[PositionSpec | None], list[str | None]]:
     """Resolve every entry of ``config`` on ``model``, add its interventions to ``interventions`` (float32, on
@@ -66,10 +116,11 @@ def build_slots(model: nn.Module, config: ReftConfig, interventions: nn.ModuleDi
         group = rep.tie_group(i)
         split = None if rep.share_weights or spec is None else split_untied(spec)
         parts = [("", spec)] if split is None else [("_first", split[0]), ("_last", split[1])]
-        rep.check_positions_fit(model, i)
-        for layer in rep.layers_in(model, i):
+        check_stack(rep, model, i)
+        check_positions_fit(rep, model, i)
+        for layer in layers_in(rep, model, i):
             try:
-                site = resolve_site(model, layer, rep.component, rep.heads)
+                site = resolve_site(model, layer, rep.component, rep.heads, rep.stack)
             except StructureError as err:
                 raise ConfigError(f"representations[{i}]: {err}") from None
             for suffix, part_spec in parts:

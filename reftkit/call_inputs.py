@@ -110,6 +110,43 @@ def routing(task_names: list[str], slot_tasks: list[str | None], tasks: Any, bat
     return (slot_ids[None, :] == -1) | (ids[:, None] == slot_ids[None, :])
 
 
+def decoder_sequence(inputs: Mapping[str, Any], generating: bool = False) -> tuple[int, Any] | None:
+    """``(length, attention mask or None)`` of what an encoder-decoder model's decoder reads in a call with these
+    keyword ``inputs``, over which decoder-stack positions count; ``None`` when the call gives no decoder input.
+
+    ``decoder_input_ids`` / ``decoder_inputs_embeds`` with ``decoder_attention_mask``; else ``labels`` shifted right
+    as Hugging Face does (the start token, then every label but the last): a slot whose label is -100 is padding
+    there. ``generating``: without decoder inputs, generate's decoder starts from the one start token."""
+    ref = inputs.get("decoder_input_ids")
+    ref = inputs.get("decoder_inputs_embeds") if ref is None else ref
+    mask = inputs.get("decoder_attention_mask")
+    labels = inputs.get("labels") if ref is None else None
+    if ref is None and labels is None:
+        return (1, None) if generating else None
+    ref = ref if ref is not None else labels
+    name = "labels" if labels is not None else "decoder_input_ids"
+    if not isinstance(ref, torch.Tensor) or ref.dim() < 2 or 0 in ref.shape[:2]:
+        raise PositionError(f"{name} is {ref!r:.60}; pass a tensor [batch, seq] with at least one token")
+    check_attention_mask(mask, ref.shape[0], ref.shape[1], "decoder_attention_mask", name)
+    if mask is None and labels is not None:
+        mask = torch.cat([torch.ones_like(labels[:, :1]), (labels[:, :-1] != -100).long()], dim=1)
+    return ref.shape[1], mask
+
+
+def sequence_views(sequences: Sequence[str | None], attention_mask: Any, length: int, inputs: Mapping | None,
+                   generating: bool, required: bool) -> dict[str, Any] | None:
+    """For an encoder-decoder model's slots (``sequences``: each one's ``"encoder"`` / ``"decoder"``), the
+    ``(attention mask, length)`` of each sequence of this call (``None`` for the decoder's when the call gives no
+    decoder input; ``required``: refuse that when a slot counts over it); ``None`` for a decoder-only model."""
+    if all(seq is None for seq in sequences):
+        return None
+    dec = decoder_sequence(inputs or {}, generating)
+    if dec is None and required and "decoder" in sequences:
+        raise ValueError("this model has decoder-stack interventions, whose positions count over the decoder's "
+                         "input: pass decoder_input_ids (with decoder_attention_mask) or labels")
+    return {"encoder": (attention_mask, length), "decoder": None if dec is None else (dec[1], dec[0])}
+
+
 def same_width(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad two ``[B, K, P]`` location tensors with -1 to the same ``P``."""
     width = max(a.shape[-1], b.shape[-1])

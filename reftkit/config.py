@@ -22,20 +22,18 @@ import copy
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from reftkit.interventions import Intervention, InterventionError, get_intervention_class
 from reftkit.interventions.base import argument_problem
 
-from .anatomy import StructureError, max_positions, num_layers
+from .anatomy import STACKS
 from .positions import PositionSpec, parse_positions, split_untied
-
-if TYPE_CHECKING:
-    from torch import nn
 
 FORMAT_VERSION = 1
 _OWN_FIELDS = ("layer", "component", "positions", "intervention", "share_weights", "heads", "task", "source",
-               "tie")
+               "tie", "stack")
+
 _USE_PYREFT = "reftkit.pyreft takes pyreft's and pyvene's config dicts as they are"
 _SOURCES = "pass sources= per call (a batch the bare model runs first; source_locations= picks its rows)"
 #: fields of pyvene's RepresentationConfig (0.1.8) that reftkit's entries do not have -> what to write instead
@@ -101,6 +99,9 @@ class RepresentationConfig:
     #: weight tying: ``True``, one intervention serves every layer of this entry; a name, one serves every site
     #: of every entry with that name; ``None`` (or False), one intervention per site
     tie: bool | str | None = None
+    #: encoder-decoder models (T5, BART ...): the stack ``layer`` counts in, ``"encoder"`` or ``"decoder"``;
+    #: required there, refused on a decoder-only model (checked at attach); positions count over that stack's input
+    stack: str | None = None
     intervention_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -162,6 +163,9 @@ class RepresentationConfig:
         if heads is not None and not is_head:
             raise ConfigError(f"{_where(index, 'heads')}={heads!r} needs a head-level component "
                               f"(head_query_output, ...), not component={self.component!r}")
+        if self.stack is not None and self.stack not in STACKS:
+            raise ConfigError(f"{_where(index, 'stack')}={self.stack!r} is not a stack; give 'encoder' or 'decoder' "
+                              "(an encoder-decoder model's two stacks), or leave it out for a decoder-only model")
         if self.task is not None and (not isinstance(self.task, str) or not self.task):
             raise ConfigError(f"{_where(index, 'task')}={self.task!r} must be a non-empty string or None")
         if isinstance(self.source, bool) or not isinstance(self.source, int) or self.source < 0:
@@ -239,42 +243,6 @@ class RepresentationConfig:
     def position_spec(self) -> PositionSpec | None:
         return None if self.positions is None else parse_positions(self.positions)
 
-    def layers_in(self, model: nn.Module, index: int | None = None) -> list[int]:
-        """The entry's layers for ``model`` as given (negative ones count back; ``resolve_site`` range-checks
-        them), after refusing a list that names one layer twice once negatives are resolved (``[3, -1]`` of 4)."""
-        if self.layer == "all":
-            try:
-                return list(range(num_layers(model)))
-            except StructureError as err:
-                raise ConfigError(f"{_where(index, 'layer')}='all': {err}; list the layers instead") from None
-        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
-        if len(layers) > 1 and any(layer < 0 for layer in layers):
-            try:
-                n = num_layers(model)
-            except StructureError:  # no layer stack (a raw path on an unknown model): negatives are refused there
-                return layers
-            seen: dict[int, int] = {}
-            for layer in layers:
-                idx = layer + n if layer < 0 else layer
-                if idx in seen and 0 <= idx < n:
-                    raise ConfigError(
-                        f"{_where(index, 'layer')}={self.layer!r} names layer {idx} twice ({seen[idx]} and {layer} "
-                        f"on this {type(model).__name__} of {n} layers); list each layer once")
-                seen[idx] = layer
-        return layers
-
-    def check_positions_fit(self, model: nn.Module, index: int | None = None) -> None:
-        """Refuse a count beyond the longest sequence ``model`` reads (its ``max_position_embeddings``...)."""
-        spec, bound = self.position_spec, max_positions(model)
-        if spec is None or spec.every or bound is None:
-            return
-        name, limit = bound
-        too_many = [f"{kind}{n}" for kind, n in (("f", spec.first), ("l", spec.last)) if n > limit]
-        if too_many:
-            raise ConfigError(
-                f"{_where(index, 'positions')}={self.positions!r}: {too_many[0]} asks for more tokens than this "
-                f"{type(model).__name__} reads ({name}={limit}); give at most {limit} per term, or positions='all'")
-
     def make_intervention(self) -> Intervention:
         """A new, not yet materialised intervention (a deep copy when an instance was given)."""
         if isinstance(self.intervention, Intervention):
@@ -286,7 +254,7 @@ class RepresentationConfig:
         iv = self.make_intervention()
         kwargs = {k: v for k, v in iv.hparams.items()}
         optional = {"heads": list(self.heads) if self.heads is not None else None, "task": self.task,
-                    "source": self.source or None, "tie": self.tie or None}
+                    "source": self.source or None, "tie": self.tie or None, "stack": self.stack}
         return {"layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
                 "component": self.component, "positions": self.positions,
                 "intervention": iv.name or type(iv).__name__, "share_weights": self.share_weights,

@@ -13,10 +13,17 @@ import torch
 from torch import nn
 
 from .attachment import base_device, base_state, build_slots, hold_base, release_base, tied_keys
-from .call_inputs import CALL_INPUTS, Collected, check_inputs, check_keywords, routing, subspace_masks
+from .call_inputs import CALL_INPUTS, Collected, check_inputs, check_keywords, routing, sequence_views, subspace_masks
 from .config import ReftConfig
 from .hooks import CallState, HookManager
-from .positions import PositionSpec, check_locations, locate_all, locate_from_mask
+from .positions import (
+    PositionSpec,
+    check_locations,
+    check_sequence_bounds,
+    locate_all,
+    locate_from_mask,
+    locate_sequences,
+)
 from .pyreft_import import load_pyreft
 from .serialization import load_reft, save_reft
 from .sources import record_sources
@@ -56,6 +63,8 @@ class ReftModel(nn.Module):
             model.requires_grad_(False)
             #: the tasks of a mixed-task model, in config order (``tasks=`` routes batch rows to them)
             self.task_names: list[str] = list(dict.fromkeys(t for t in self._slot_tasks if t is not None))
+            #: per slot, the sequence its positions count over (encoder-decoder models: "encoder" / "decoder")
+            self._sequences: list[str | None] = [slot.site.sequence for slot in slots]
             self._hooks = HookManager(model, slots)
             self._hooks.attach()
         except BaseException:
@@ -69,11 +78,20 @@ class ReftModel(nn.Module):
 
     # -- positions --------------------------------------------------------------------------
     def _locations(self, ref: torch.Tensor, attention_mask: torch.Tensor | None, locations: Any,
-                   what: str = "intervention_locations", cached: bool = False) -> torch.Tensor:
+                   what: str = "intervention_locations", cached: bool = False, inputs: Mapping | None = None,
+                   generating: bool = False) -> torch.Tensor:
         attention_mask = check_inputs(ref, attention_mask, what != "intervention_locations", cached)
         batch, length = ref.shape[0], ref.shape[1]
+        # encoder-decoder: the encoder's and the decoder's sequences (None for a decoder-only model)
+        views = sequence_views(self._sequences, attention_mask, length, inputs, generating,
+                               required=inputs is not None and what == "intervention_locations")
         if locations is not None:
-            return check_locations(locations, batch, length, len(self._specs), what).to(ref.device)
+            if views is None:
+                return check_locations(locations, batch, length, len(self._specs), what).to(ref.device)
+            lengths = {seq: view[1] for seq, view in views.items() if view is not None}
+            located = check_locations(locations, batch, max(lengths.values()), len(self._specs), what)
+            check_sequence_bounds(located, self._sequences, lengths, what)
+            return located.to(ref.device)
         missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
         if missing:
             raise ValueError(
@@ -81,16 +99,18 @@ class ReftModel(nn.Module):
                 f"that: pyreft saves no positions), so this call needs {what}= ([B, K, P] token indices, -1 "
                 "padded, K in the order of intervention_locations_order); or give the positions once: "
                 "positions='l1' (etc.) in the config entries, or ReftModel.from_pyreft(model, path, positions=...)")
+        if views is not None:
+            return locate_sequences(self._specs, self._sequences, views, batch, ref.device)
         return locate_from_mask(self._specs, attention_mask, batch, length, ref.device)  # real tokens only
 
     def _call_state(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                     attention_mask: torch.Tensor | None, locations: Any, sources: Any = None,
                     source_locations: Any = None, subspaces: Any = None, tasks: Any = None,
-                    cached: bool = False) -> CallState:
+                    cached: bool = False, inputs: Mapping | None = None, generating: bool = False) -> CallState:
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        located = self._locations(ref, attention_mask, locations, cached=cached)
+        located = self._locations(ref, attention_mask, locations, cached=cached, inputs=inputs, generating=generating)
         row_valid = routing(self.task_names, self._slot_tasks, tasks, ref.shape[0], ref.device)
         uses_source = [s.index for s in self._hooks.slots if s.intervention.uses_source]
         recorded: dict[int, torch.Tensor] = {}
@@ -129,17 +149,19 @@ class ReftModel(nn.Module):
     def intervening(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                     intervention_locations: torch.Tensor | None = None,
                     inputs_embeds: torch.Tensor | None = None, *, cached: bool = False,
-                    **call_inputs: Any) -> Iterator[CallState]:
+                    decoder_inputs: Mapping | None = None, **call_inputs: Any) -> Iterator[CallState]:
         """Activate the interventions for calls made inside the block, with positions computed once
         from these inputs — e.g. to run only the backbone (``reft.model.model(...)``) and apply the
         LM head to the few labelled positions yourself. ``call_inputs`` are :data:`~reftkit.call_inputs.CALL_INPUTS`
         (``sources``, ``source_locations``, ``subspaces``, ``tasks``); yields the call's state. ``cached``: the
         calls continue from a KV cache, so ``attention_mask`` may be longer than the inputs (cached tokens
-        first); positions are then counted over its last ``seq`` columns."""
+        first); positions are then counted over its last ``seq`` columns. ``decoder_inputs``: an encoder-decoder
+        model's call keywords (``decoder_input_ids``, ``decoder_attention_mask``, ``labels``) that decoder-stack
+        positions count over; without them those interventions act nowhere (a call of the encoder alone)."""
         self._check_live()
         check_keywords("intervening", self.model, input_ids, call_inputs)
         state = self._call_state(input_ids, inputs_embeds, attention_mask, intervention_locations, **call_inputs,
-                                 cached=cached)
+                                 cached=cached, inputs=decoder_inputs)
         keep = self.training and torch.is_grad_enabled() and _checkpointing(self.model)
         self._hooks.state = state
         try:
@@ -170,7 +192,7 @@ class ReftModel(nn.Module):
         cached = check_keywords("forward", self.model, input_ids, kwargs)
         with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
                               sources=sources, source_locations=source_locations, subspaces=subspaces, tasks=tasks,
-                              cached=cached):
+                              cached=cached, decoder_inputs=kwargs):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
@@ -181,7 +203,7 @@ class ReftModel(nn.Module):
         call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}
         cached = check_keywords("collect", self.model, input_ids, kwargs)
         with self.intervening(input_ids, attention_mask, intervention_locations, kwargs.get("inputs_embeds"),
-                              **call, cached=cached) as state:
+                              **call, cached=cached, decoder_inputs=kwargs) as state:
             output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         keys = [s.key for s in self._hooks.slots if s.intervention.collects]
         if not keys:
@@ -211,8 +233,12 @@ class ReftModel(nn.Module):
                                                 and getattr(gen_config, "use_cache", True) is False):
             raise ValueError("use_cache=False: reftkit intervenes on the prompt at prefill and relies on the "
                              "KV cache to carry the effect into decoding; generate with use_cache=True")
+        if "decoder" in self._sequences and kwargs.get("decoder_input_ids") is not None:
+            raise ValueError("generate(decoder_input_ids=...) with decoder-stack interventions: Hugging Face may "
+                             "prepend the start token to them, which would move the decoder positions; generate "
+                             "from the start token (leave decoder_input_ids out)")
         state = self._call_state(input_ids, kwargs.get("inputs_embeds"), attention_mask, intervention_locations,
-                                 sources, source_locations, subspaces, tasks)
+                                 sources, source_locations, subspaces, tasks, inputs={}, generating=True)
         every_token = any(slot.every_token for slot in self._hooks.slots) if edit_new_tokens is None \
             else bool(edit_new_tokens)
         state.edit_new_tokens = bool(edit_new_tokens)
@@ -220,7 +246,8 @@ class ReftModel(nn.Module):
         stepper = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
         def before_step(module: nn.Module, args: Any, kwargs: dict) -> None:
-            ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            ref = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids")
+                        if kwargs.get(k) is not None), None)
             if ref is not None:
                 state.batch = ref.shape[0]
 

@@ -158,6 +158,38 @@ def locate_from_mask(specs: list[PositionSpec], attention_mask: torch.Tensor | N
     return locate_all(specs, start, lengths, length, real_tokens(attention_mask, device))
 
 
+def locate_sequences(specs: list[PositionSpec], sequences: list[str | None],
+                     views: dict[str | None, tuple[torch.Tensor | None, int] | None], batch: int,
+                     device: torch.device) -> torch.Tensor:
+    """``[batch, K, P]`` for an encoder-decoder call: each spec located over the sequence its slot's tensor runs
+    along (``views``: sequence -> ``(attention mask, length)``, or ``None`` when this call does not run it, whose
+    slots then get no positions)."""
+    located: dict[tuple[PositionSpec, str | None], torch.Tensor] = {}
+    per = []
+    for spec, seq in zip(specs, sequences):
+        if views.get(seq) is None:
+            per.append(torch.full((batch, 1), -1, dtype=torch.long, device=device))
+            continue
+        if (spec, seq) not in located:
+            mask, length = views[seq]
+            located[(spec, seq)] = locate_from_mask([spec], mask, batch, length, device)[:, 0]
+        per.append(located[(spec, seq)])
+    return stack_locations(per)
+
+
+def check_sequence_bounds(locations: torch.Tensor, sequences: list[str | None], lengths: dict[str | None, int],
+                          what: str = "intervention_locations") -> None:
+    """Refuse explicit locations past the end of the sequence each slot's tensor runs along (an encoder-decoder
+    model's slots index the encoder's or the decoder's tokens)."""
+    for k, seq in enumerate(sequences):
+        n = lengths.get(seq)
+        bad = locations[:, k] >= n if n is not None else None
+        if bad is not None and bool(bad.any()):
+            b, p = (int(i) for i in bad.nonzero()[0])
+            raise PositionError(f"{what}[{b}, {k}, {p}] = {int(locations[b, k, p])} is outside the {seq} sequence "
+                                f"that intervention {k} indexes (valid: 0..{n - 1}, or -1 for an empty slot)")
+
+
 def locate(spec: PositionSpec, start: torch.Tensor, lengths: torch.Tensor, width: int,
            tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Absolute token indices ``[batch, slots]`` (``-1`` = empty) for one spec.

@@ -18,7 +18,7 @@ from .hooks import CallState, HookManager, SourcesRecorded
 
 __all__ = ["record_sources"]
 
-#: ``locate(ref, attention_mask, locations, what)`` -> ``[B, K, P]`` positions of one batch
+#: ``locate(ref, attention_mask, locations, what, inputs=batch)`` -> ``[B, K, P]`` positions of one batch
 Locate = Callable[[torch.Tensor, "torch.Tensor | None", Any, str], torch.Tensor]
 
 
@@ -94,7 +94,7 @@ def record_sources(model: nn.Module, hooks: HookManager, locate: Locate, located
         if src_ref.shape[0] != batch:
             raise ValueError(f"sources[{j}] has batch size {src_ref.shape[0]}, the base inputs {batch}: a "
                              "source run pairs row by row with the base batch")
-        src_located = locate(src_ref, src.get("attention_mask"), src_locations, "source_locations")
+        src_located = locate(src_ref, src.get("attention_mask"), src_locations, "source_locations", inputs=src)
         located, src_located = same_width(located, src_located)
         base_valid = located >= 0 if row_valid is None else (located >= 0) & row_valid[:, :, None]
         for i in slots:

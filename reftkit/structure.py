@@ -12,11 +12,14 @@ on a model built on the ``meta`` device.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from .anatomy import (
     ACTIVATION_NAMES,
     ATTENTION_NAMES,
+    CROSS_ATTENTION_NAMES,
     DOWN_PROJECTION_NAMES,
     FUSED_QKV_NAMES,
     KEY_NAMES,
@@ -36,17 +39,25 @@ from .anatomy import (
     find_part,
     hidden_size,
     is_activation,
+    is_encoder_decoder,
     num_layers,
+    stack_root,
     text_config,
 )
 
-__all__ = ["COMPONENTS", "HEAD_COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",
-           "num_layers", "hidden_size", "resolve_site"]
+__all__ = ["COMPONENTS", "CROSS_COMPONENTS", "HEAD_COMPONENTS", "FusedSlice", "Site", "StructureError", "find_layers",
+           "num_layers", "hidden_size", "resolve_site", "is_encoder_decoder", "stack_root"]
 
 COMPONENTS: tuple[str, ...] = (
     "block_input", "block_output", "mlp_input", "mlp_activation", "mlp_output",
     "attention_input", "attention_output", "attention_value_output",
     "query_output", "key_output", "value_output",
+)
+#: a decoder block's cross-attention (encoder-decoder models, ``stack="decoder"``): as the self-attention ones;
+#: ``cross_key_output`` / ``cross_value_output`` run along the encoder's sequence, so their positions count over it
+CROSS_COMPONENTS: tuple[str, ...] = (
+    "cross_attention_input", "cross_attention_output", "cross_attention_value_output",
+    "cross_query_output", "cross_key_output", "cross_value_output",
 )
 #: head-level components: the per-head view of a q/k/v projection output or of the attention
 #: output projection's input; k/v count key-value heads (fewer under GQA/MQA), the others query heads
@@ -113,7 +124,7 @@ def _check_runs(module: nn.Module, path: str, spec: str) -> None:
         f"forward of its own), so a hook there would never run; give {hint}")
 
 
-def _raw_site(model: nn.Module, layer: int | None, spec: str) -> Site:
+def _raw_site(model: nn.Module, layer: int | None, spec: str, stack: str | None = None) -> Site:
     path, hook = spec, "output"
     if ":" in spec:
         path, hook = spec.rsplit(":", 1)
@@ -121,7 +132,7 @@ def _raw_site(model: nn.Module, layer: int | None, spec: str) -> Site:
             raise StructureError(f"component={spec!r}: suffix {':' + hook!r} must be ':input' or ':output'")
     if layer is not None:
         try:
-            layer = _normalise_layer(model, layer, num_layers(model))
+            layer = _normalise_layer(model, layer, num_layers(model, stack))
         except StructureError as err:
             # Not a transformer we recognise: the path still works, but without a
             # layer count there is no end to count back from.
@@ -193,10 +204,12 @@ def _qkv_site(model: nn.Module, layer: int, component: str, attn_path: str,
                 FusedSlice(1, total, bounds[0], bounds[1]))
 
 
-def _head_site(model: nn.Module, layer: int, component: str, heads: list[int] | tuple[int, ...] | None) -> Site:
-    base = resolve_site(model, layer, component[len("head_"):])
+def _head_site(model: nn.Module, layer: int, component: str, heads: list[int] | tuple[int, ...] | None,
+               stack: str | None = None) -> Site:
+    base = resolve_site(model, layer, component[len("head_"):], stack=stack)
     kv = component in ("head_key_output", "head_value_output")
-    n_query = config_int(model, "num_attention_heads", "n_head", "num_heads")
+    n_query = (config_int(model, "decoder_attention_heads") if stack == "decoder" else None) or config_int(
+        model, "num_attention_heads", "n_head", "num_heads")
     n_heads = (config_int(model, "num_key_value_heads", "multi_query_group_num") or n_query) if kv else n_query
     if not n_heads:
         raise _unavailable(model, component, "its config gives no num_attention_heads")
@@ -215,7 +228,7 @@ def _head_site(model: nn.Module, layer: int, component: str, heads: list[int] | 
 
 
 def resolve_site(model: nn.Module, layer: int | None, component: str,
-                 heads: list[int] | tuple[int, ...] | None = None) -> Site:
+                 heads: list[int] | tuple[int, ...] | None = None, stack: str | None = None) -> Site:
     """Resolve ``(layer, component)`` to a :class:`Site`.
 
     ``layer`` may be negative (``-1`` is the last block); ``Site.layer`` is the
@@ -246,31 +259,52 @@ def resolve_site(model: nn.Module, layer: int | None, component: str,
       selecting which (GQA-aware: k/v index key-value heads, q and the attention value
       output index query heads); the intervention's width is ``head_dim``.
 
+    * ``cross_attention_input`` / ``cross_attention_output`` / ``cross_attention_value_output`` /
+      ``cross_query_output`` / ``cross_key_output`` / ``cross_value_output``: the same for a decoder
+      block's cross-attention (encoder-decoder models, ``stack="decoder"``); its keys and values are
+      projections of the encoder's output, so their positions count over the encoder input.
+
     A component containing ``"."`` is a module path from the model root, with an
     optional ``{layer}`` placeholder and ``:input``/``:output`` suffix (default
     output), e.g. ``"model.layers.{layer}.mlp.down_proj:input"``.
+
+    ``stack``: for an encoder-decoder model (T5, BART, mT5 ...), ``"encoder"`` or ``"decoder"``, the stack
+    ``layer`` counts in (required there; refused on a decoder-only model). A raw path's positions count over
+    the named stack's sequence.
     """
-    site = _resolve(model, layer, component, heads)
+    stack_root(model, stack)  # the stack exists (or is rightly absent) before anything else is read
+    site = _resolve(model, layer, component, heads, stack)
     if "." not in component:  # a raw path was checked as it was walked
         _check_runs(model.get_submodule(site.module_path), site.module_path, component)
-    return site
+    if stack is None:
+        return site
+    encoder_side = stack == "encoder" or component in ("cross_key_output", "cross_value_output")
+    return replace(site, stack=stack, sequence="encoder" if encoder_side else "decoder")
 
 
 def _resolve(model: nn.Module, layer: int | None, component: str,
-             heads: list[int] | tuple[int, ...] | None) -> Site:
+             heads: list[int] | tuple[int, ...] | None, stack: str | None = None,
+             attention_names: tuple[str, ...] = ATTENTION_NAMES) -> Site:
     if not isinstance(component, str):
         raise StructureError(f"component={component!r} must be a str")
     if "." in component:
-        return _raw_site(model, layer, component)
+        return _raw_site(model, layer, component, stack)
     if component in HEAD_COMPONENTS:
-        return _head_site(model, layer, component, heads)
+        return _head_site(model, layer, component, heads, stack)
+    if component in CROSS_COMPONENTS:
+        if stack != "decoder":
+            raise StructureError(f"component={component!r} is a decoder block's cross-attention over the encoder's "
+                                 f"output; it needs stack='decoder' (an encoder-decoder model), not stack={stack!r}")
+        site = _resolve(model, layer, component[len("cross_"):], heads, stack, CROSS_ATTENTION_NAMES)
+        return replace(site, component=component)
     if component not in COMPONENTS:
+        known = COMPONENTS + HEAD_COMPONENTS + (CROSS_COMPONENTS if stack == "decoder" else ())
         raise StructureError(
-            f"component={component!r} is not known; choose one of {', '.join(COMPONENTS + HEAD_COMPONENTS)}, "
+            f"component={component!r} is not known; choose one of {', '.join(known)}, "
             "or give a module path containing '.', e.g. 'model.layers.{layer}.mlp:input'")
     if layer is None:
         raise StructureError(f"layer=None is only allowed with a raw module path, not component={component!r}")
-    layers_path, layers = find_layers(model)
+    layers_path, layers = find_layers(model, stack)
     layer = _normalise_layer(model, layer, len(layers))
     block_path = f"{layers_path}.{layer}" if layers_path else str(layer)
     block = layers[layer]
@@ -279,11 +313,11 @@ def _resolve(model: nn.Module, layer: int | None, component: str,
     if component in ("block_input", "block_output"):
         return Site(layer, component, block_path, "input" if component == "block_input" else "output", hidden)
 
-    attn_rel = find_part(block, ATTENTION_NAMES)
+    attn_rel = find_part(block, attention_names)
     if component.startswith(("attention", "query", "key", "value")):
         if attn_rel is None:
-            raise _unavailable(model, component,
-                               f"no self-attention module ({'/'.join(ATTENTION_NAMES)}) in {block_path}")
+            kind = "cross-attention" if attention_names is CROSS_ATTENTION_NAMES else "self-attention"
+            raise _unavailable(model, component, f"no {kind} module ({'/'.join(attention_names)}) in {block_path}")
         attn_path, attn = f"{block_path}.{attn_rel}", block.get_submodule(attn_rel)
         o_rel = find_part(attn, OUTPUT_PROJECTION_NAMES)
         o_io = feature_sizes_at(attn, o_rel)
@@ -306,7 +340,7 @@ def _resolve(model: nn.Module, layer: int | None, component: str,
 
     # MLP components.  Without a single MLP module, search the block itself but
     # never inside the attention module.
-    skip = (attn_rel,) if attn_rel else ()
+    skip = tuple(p for p in (attn_rel, find_part(block, CROSS_ATTENTION_NAMES)) if p)
     mlp_rel = find_part(block, MLP_NAMES, skip)
     root = block.get_submodule(mlp_rel) if mlp_rel else block
     root_path = f"{block_path}.{mlp_rel}" if mlp_rel else block_path

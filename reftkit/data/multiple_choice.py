@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from reftkit.anatomy import is_encoder_decoder
 from reftkit.positions import locate_all
 
 from .supervised import IGNORE_INDEX, DataError, ReftDataset, _context_limit, _pad_id, _specs_for, _stack_padded
@@ -45,11 +46,17 @@ class MultipleChoiceDataset(ReftDataset):
 @dataclass
 class MultipleChoiceDataCollator:
     """Pads a list of multiple-choice examples into B·C prompt+choice rows (see the module docstring).
-    ``padding_side`` overrides the tokenizer's (``"left"`` / ``"right"``)."""
+    ``padding_side`` overrides the tokenizer's (``"left"`` / ``"right"``).
+
+    ``encoder_decoder``: rows for a T5/BART-like model instead: ``input_ids`` / ``attention_mask`` the prompt
+    alone (the encoder's input), ``choice_labels`` ``[B·C, T]`` the choice as the decoder's targets (right
+    padded with -100), and no ``intervention_locations`` (the model takes each entry's positions over its own
+    stack's input: the prompt, or the decoder's)."""
 
     tokenizer: Any
     pad_to_multiple_of: int | None = None
     padding_side: str | None = None
+    encoder_decoder: bool = False
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         side = self.padding_side or getattr(self.tokenizer, "padding_side", "right")
@@ -57,6 +64,8 @@ class MultipleChoiceDataCollator:
             raise DataError(f"padding_side={side!r}; expected 'left' or 'right'")
         pad, left = _pad_id(self.tokenizer), side == "left"
         choices = max(len(f["choices"]) for f in features)
+        if self.encoder_decoder:
+            return self._seq2seq(features, choices, pad, left)
         # rows past an example's last choice hold its prompt alone: real tokens (no all-masked row, which
         # attention kernels can turn into NaN), no label, and choice_mask False
         rows = [f["input_ids"] + (f["choices"][c] if c < len(f["choices"]) else [])
@@ -84,6 +93,27 @@ class MultipleChoiceDataCollator:
             located = located.repeat_interleave(choices, dim=0)
             out["intervention_locations"] = torch.where(located >= 0, located + shift[:, None, None], -1)
         return out
+
+    def _seq2seq(self, features: Sequence[dict[str, Any]], choices: int, pad: int, left: bool) -> dict[str, Any]:
+        prompts = [f["input_ids"] for f in features for _ in range(choices)]
+        # a missing choice (an example with fewer) is one -100 label: scored nowhere, masked by choice_mask
+        answers = [f["choices"][c] if c < len(f["choices"]) else [IGNORE_INDEX] for f in features
+                   for c in range(choices)]
+        width = max(len(p) for p in prompts)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        labels = torch.full((len(prompts), max(len(a) for a in answers)), IGNORE_INDEX, dtype=torch.long)
+        for r, (p, a) in enumerate(zip(prompts, answers)):
+            start = width - len(p) if left else 0
+            ids[r, start:start + len(p)] = torch.as_tensor(p)
+            mask[r, start:start + len(p)] = 1
+            labels[r, :len(a)] = torch.as_tensor(a)
+        counts = torch.tensor([len(f["choices"]) for f in features])
+        return {"input_ids": ids, "attention_mask": mask, "choice_labels": labels,
+                "choice_mask": torch.arange(choices)[None, :] < counts[:, None],
+                "correct": torch.tensor([f["correct"] for f in features], dtype=torch.long)}
 
 
 def tokenize_choices(tokenizer: Any, prompts: Sequence[str], choices: Sequence[Sequence[str]],
@@ -163,8 +193,13 @@ def make_multiple_choice_data_module(
     (``"l1"``, ``"f3+l3"``) applies to every intervention, as in the other data modules. Evaluation
     data: ``eval_prompts`` / ``eval_choices`` / ``eval_correct``, or ``eval_fraction`` of the examples
     held out (a seeded random split). Returns ``dict(train_dataset, eval_dataset, data_collator)``;
-    ``eval_dataset`` is None without evaluation data.
+    ``eval_dataset`` is None without evaluation data. For an encoder-decoder model (T5, BART) the collator
+    gives the prompt to the encoder and each choice to the decoder (``MultipleChoiceDataCollator.encoder_decoder``),
+    and every entry acts at its config's positions over its own stack's input; ``positions`` is refused there.
     """
+    if positions is not None and is_encoder_decoder(getattr(model, "model", model)):
+        raise DataError(f"positions={positions!r}: an encoder-decoder model's entries act at their config's positions "
+                        "over their own stack's input (the prompt, or the choice the decoder reads); leave it out")
     given = [x is not None for x in (eval_prompts, eval_choices, eval_correct)]
     if any(given) and not all(given):
         raise DataError("eval_prompts, eval_choices and eval_correct go together: give all three or none")
@@ -189,4 +224,5 @@ def make_multiple_choice_data_module(
         evaluation = None if eval_prompts is None else \
             _choice_dataset(tokenizer, model, eval_prompts, eval_choices, eval_correct, prefix="eval_", **build)
     return {"train_dataset": train, "eval_dataset": evaluation,
-            "data_collator": MultipleChoiceDataCollator(tokenizer)}
+            "data_collator": MultipleChoiceDataCollator(
+                tokenizer, encoder_decoder=is_encoder_decoder(getattr(model, "model", model)))}

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from reftkit.anatomy import find_backbone_and_head
+from reftkit.anatomy import find_backbone_and_head, is_encoder_decoder
 from reftkit.call_inputs import CALL_INPUTS
 from reftkit.model import ReftModel
 
 from .frozen_prefix import FrozenPrefixCache
-from .label_only import label_only_loss
+from .label_only import label_only_loss, seq2seq_loss
 from .suffix import SuffixTraining
 
 __all__ = ["causal_lm_loss"]
@@ -22,7 +22,8 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
                    num_items_in_batch: torch.Tensor | int | None = None,
                    prefix_cache: FrozenPrefixCache | None = None, suffix_training: SuffixTraining | None = None,
                    **kwargs: Any) -> dict[str, torch.Tensor]:
-    """Causal-LM cross entropy of ``reft`` on unshifted ``labels``, with vocabulary logits only for the
+    """Causal-LM cross entropy of ``reft`` on unshifted ``labels`` (an encoder-decoder model: the seq2seq loss of
+    its decoder on ``labels``, from its full forward), with vocabulary logits only for the
     labelled positions: ``hidden[:, :-1]`` rows whose ``labels[:, 1:]`` is not -100 are gathered and
     only they go through the head. Returns ``{"loss", "logits" [N, vocab] of those rows (row-major)}``.
 
@@ -42,8 +43,19 @@ def causal_lm_loss(reft: ReftModel, input_ids: torch.Tensor, attention_mask: tor
         raise ValueError("prefix_cache was built for another ReftModel; build one per model")
     if suffix_training is not None and suffix_training.reft is not reft:
         raise ValueError("suffix_training was built for another ReftModel; build one per model")
-    parts = find_backbone_and_head(reft)
     call = {k: kwargs.pop(k) for k in CALL_INPUTS if k in kwargs}  # e.g. a mixed-task batch's "tasks"
+    if is_encoder_decoder(reft.model):
+        # labels are the decoder's targets, not shifted against the input: the model's own forward builds the
+        # decoder input from them (shifted right) and the loss reads every labelled position
+        if prefix_cache is not None or suffix_training is not None:
+            raise ValueError(f"{type(reft.model).__name__} is an encoder-decoder model: the prefix cache and suffix "
+                             "training serve causal decoders only; train without them")
+        # the class's forward, not reft(...): the trainer routes reft's own forward to this function
+        out = ReftModel.forward(reft, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                intervention_locations=intervention_locations, **call, **kwargs)
+        loss, logits = seq2seq_loss(out.logits, labels, num_items_in_batch)
+        return {"loss": loss, "logits": logits}
+    parts = find_backbone_and_head(reft)
     if suffix_training is not None:
         out = suffix_training.loss(input_ids, attention_mask, labels, intervention_locations, num_items_in_batch,
                                    call, kwargs)

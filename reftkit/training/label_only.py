@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["label_only_loss", "cross_entropy_sum"]
+__all__ = ["label_only_loss", "cross_entropy_sum", "seq2seq_loss"]
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -56,3 +56,19 @@ def label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss, logits
+
+
+def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor,
+                 num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder-decoder model's loss: ``logits [B, T, vocab]`` at position t score ``labels[:, t]`` (no shift; the
+    decoder's input is the labels shifted right). ``(loss, logits [N, vocab] of the labelled rows)``; reduced as
+    :func:`label_only_loss`, so with ``num_items_in_batch`` it is gradient-accumulation correct."""
+    labels = labels.to(logits.device)
+    keep = labels != -100
+    rows = logits[keep].float()
+    loss = cross_entropy_sum(rows, labels[keep])
+    if num_items_in_batch is None:
+        return loss / keep.sum().clamp_min(1), rows
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch, rows

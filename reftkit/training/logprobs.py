@@ -23,9 +23,11 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from reftkit.anatomy import find_backbone_and_head
+from reftkit.anatomy import find_backbone_and_head, is_encoder_decoder
+from reftkit.model import ReftModel
 
-__all__ = ["ContinuationLogprobs", "continuation_logprobs", "label_positions", "predicting_states"]
+__all__ = ["ContinuationLogprobs", "continuation_logprobs", "label_positions", "predicting_states",
+           "seq2seq_logprobs"]
 
 
 class ContinuationLogprobs(NamedTuple):
@@ -91,3 +93,33 @@ def continuation_logprobs(states: Tensor, positions: Tensor, targets: Tensor, ma
     rows = (picked if head is None else head(picked)).float().log_softmax(-1)
     values = rows.gather(-1, targets.to(states.device)[mask][:, None]).squeeze(-1)
     return ContinuationLogprobs(values.new_zeros(mask.shape).masked_scatter(mask, values), mask, rows)
+
+
+def seq2seq_logprobs(adapted: Any, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                     intervention_locations: Tensor | None = None, **kwargs: Any) -> ContinuationLogprobs:
+    """An encoder-decoder model's ``log p(y_t | x, y_<t)``: ``input_ids`` is the prompt ``x`` (the encoder's
+    input) and ``labels`` ``[N, T]`` the continuation ``y`` (the decoder's targets, -100 where nothing is
+    scored, unshifted: column t is scored at decoder position t). The decoder reads the labels shifted right
+    (the model's ``prepare_decoder_input_ids_from_labels``), masked where a label is -100. ``adapted``: a
+    ReftModel (its encoder entries act on the prompt, its decoder entries over the decoder's input), or a
+    model with the same ``.model`` surface; ``intervention_locations`` as a ReftModel call takes them."""
+    from transformers import PreTrainedModel
+
+    # a Hugging Face model itself, or a wrapper of one (BART has a .model of its own: it is not a wrapper)
+    hf = adapted if isinstance(adapted, PreTrainedModel) or not hasattr(adapted, "model") else adapted.model
+    if not is_encoder_decoder(hf):
+        raise ValueError(f"seq2seq_logprobs scores an encoder-decoder model; {type(hf).__name__} is not one")
+    labels = labels.to(input_ids.device)
+    decoder = {"decoder_input_ids": hf.prepare_decoder_input_ids_from_labels(labels=labels),
+               "decoder_attention_mask": torch.cat([torch.ones_like(labels[:, :1]),
+                                                    (labels[:, :-1] != -100).long()], dim=1)}
+    if isinstance(adapted, ReftModel):
+        with adapted.intervening(input_ids, attention_mask, intervention_locations, decoder_inputs=decoder):
+            logits = hf(input_ids=input_ids, attention_mask=attention_mask, **decoder, **kwargs).logits
+    else:
+        logits = (adapted if hf is adapted else adapted.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                                               **decoder, **kwargs).logits
+    # label_positions reads unshifted causal labels (column c predicted at c - 1): one -100 column in front
+    # makes it read column t at position t, as a decoder predicts its own targets
+    shifted = torch.cat([torch.full_like(labels[:, :1], -100), labels], dim=1)
+    return continuation_logprobs(logits, *label_positions(shifted), None)

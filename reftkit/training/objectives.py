@@ -28,9 +28,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from reftkit.anatomy import is_encoder_decoder
 from reftkit.call_inputs import CALL_INPUTS
 
-from .logprobs import continuation_logprobs, label_positions, predicting_states
+from .logprobs import continuation_logprobs, label_positions, predicting_states, seq2seq_logprobs
 
 
 def _check(token_logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor) -> None:
@@ -150,6 +151,11 @@ def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: to
     under ``reft`` (a ReftModel, or a weight-space / prompt model with the same surface), from a batch of
     :class:`reftkit.data.multiple_choice.MultipleChoiceDataCollator` (B·C rows).
 
+    An encoder-decoder model (T5, BART) reads the batch differently: ``input_ids`` / ``attention_mask`` are
+    the prompt (the encoder's input) and ``choice_labels`` the choice as the decoder's targets (unshifted,
+    -100 padded), which :func:`~reftkit.training.logprobs.seq2seq_logprobs` scores; the choices are scored by
+    the decoder given the encoder input.
+
     As :func:`reftkit.training.causal_lm_loss`, only the rows predicting a choice token (``hidden[:, :-1]``
     where ``choice_labels[:, 1:]`` is not -100) go through the LM head and a log-softmax, or, without a
     trustworthy (backbone, head) pair, the same rows of the full forward's logits
@@ -162,18 +168,24 @@ def choice_token_logprobs(reft: Any, input_ids: torch.Tensor, attention_mask: to
     prompt ``r``). Logits longer than the input (virtual tokens in front) are read from the right.
     """
     batch, choices = choice_mask.shape
-    if input_ids.shape[0] != batch * choices or choice_labels.shape != input_ids.shape:
+    seq2seq = is_encoder_decoder(getattr(reft, "model", reft))
+    if input_ids.shape[0] != batch * choices or choice_labels.shape[0] != input_ids.shape[0] or (
+            not seq2seq and choice_labels.shape != input_ids.shape):
         raise ValueError(f"a multiple-choice batch has B·C rows: choice_mask is [{batch}, {choices}], input_ids "
                          f"{tuple(input_ids.shape)}, choice_labels {tuple(choice_labels.shape)}")
     given = [k for k in CALL_INPUTS if kwargs.get(k) is not None]
     if given:  # per-example inputs would need repeating over the B·C rows; not supported here
         raise ValueError(f"{given[0]}= is not supported with a multiple-choice batch")
     kwargs = {k: v for k, v in kwargs.items() if k not in CALL_INPUTS}
-    real = (choice_labels[:, 1:] != -100).sum(1).view(batch, choices) > 0
+    real = (choice_labels[:, 0 if seq2seq else 1:] != -100).sum(1).view(batch, choices) > 0
     if not torch.equal(real, choice_mask.to(real.device).bool()):
         b, c = (int(i) for i in (real != choice_mask.to(real.device).bool()).nonzero()[0])
         raise ValueError(f"choice_mask[{b}, {c}]={bool(choice_mask[b, c])} but choice_labels has "
                          f"{'no' if not real[b, c] else 'some'} labelled tokens there")
+    if seq2seq:  # encoder input = the prompt alone; choice_labels = the decoder's targets (B·C rows)
+        out = seq2seq_logprobs(reft, input_ids, attention_mask, choice_labels, intervention_locations, **kwargs)
+        shape = (batch, choices, out.mask.shape[1])
+        return out.token_logprobs.view(shape), out.mask.view(shape)
     prompt_mask = None if attention_mask is None else attention_mask * (choice_labels == -100)
     if prompt_mask is None and intervention_locations is None:
         prompt_mask = (choice_labels == -100).long()

@@ -29,6 +29,7 @@ from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.utils import logging
 
+from reftkit.anatomy import is_encoder_decoder
 from reftkit.model import ReftModel
 
 from .causal_lm import causal_lm_loss
@@ -149,7 +150,8 @@ class ReftTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         # ... over the shifted labels for the LM (Trainer infers this from `loss_type`, which a
         # ReftModel lacks) and over all labels for a classifier.
-        self._loss_shifts_labels = not self.is_classifier
+        # (an encoder-decoder model's labels are not shifted: the decoder reads them shifted right instead)
+        self._loss_shifts_labels = not self.is_classifier and not is_encoder_decoder(base)
         # `find_labels` inspects forward's signature, which has no `labels`: without this the
         # evaluation loop would believe the batches carry no labels and report no loss.
         if self.args.label_names is None:
@@ -164,6 +166,9 @@ class ReftTrainer(Trainer):
         if self.is_classifier or self.is_weight_space:
             raise ValueError(f"cache_frozen_prefix={setting!r}: the prefix cache serves the causal-LM loss of a "
                              f"ReftModel, not a {type(model).__name__}")
+        if is_encoder_decoder(model.model):
+            raise ValueError(f"cache_frozen_prefix={setting!r}: {type(model.model).__name__} is an encoder-decoder "
+                             "model; the prefix cache serves causal decoders only")
         if self.is_fsdp_enabled or self.args.fsdp:
             raise ValueError(f"cache_frozen_prefix={setting!r} with fsdp={self.args.fsdp!r}: sharded layers are "
                              "gathered by the full forward, which the cached path skips; train without one of them")

@@ -6,13 +6,17 @@ Strategies (rows of the table):
 * ``base`` — the frozen model, no intervention;
 * ``multi-task`` — one intervention of the experts' shape trained on every task's data together;
 * ``oracle`` — each prompt with its own task's expert (what a perfect dispatcher would reach);
-* ``prompt`` — (a) the base model names the task, then the named expert answers;
-* ``classifier`` — (b) a dispatch intervention names the task, then the named expert answers;
+* ``prompt (generate)`` — (a) as published: the base model generates the task's name after the adaptation
+  prompt, then the named expert answers (text naming no task → the base model);
+* ``prompt (rank)`` — (a) read by rank classification over the names instead (a reftkit option);
+* ``classifier (ReFT)`` — (b) a ReFT dispatch intervention generates the task's name, then the named expert answers;
+* any ``dispatchers`` given — e.g. ``classifier (SVF)``, the paper's SVF classification expert;
 * ``few-shot`` — (c) per task, CEM mixes the experts using ``shots`` labelled examples of that task;
   the task of each prompt is known here (that is the few-shot setting: adapting to a given task).
 
 Accuracy: the greedy continuation's first word equals the label. ``routing_accuracy``: the share of
-prompts sent to their own task's expert (prompts of no task, when given, should go to the base model).
+prompts sent to their own task's expert (prompts of no task, when given, should go to the base model);
+``unparsed``: how many of them a generating dispatcher answered with text naming no task.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 from torch import nn
@@ -30,7 +34,7 @@ from .library import ExpertLibrary
 from .routing import ExpertRouter
 from .train import train_expert
 
-STRATEGIES = ("base", "multi-task", "oracle", "prompt", "classifier", "few-shot")
+STRATEGIES = ("base", "multi-task", "oracle", "prompt (generate)", "prompt (rank)", "classifier (ReFT)", "few-shot")
 
 
 @dataclass
@@ -56,13 +60,18 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
                    learning_rate: float = 4e-3, batch_size: int = 8, shots: int = 8, population: int = 32,
                    elite_ratio: float = 0.2, iterations: int = 50, max_new_tokens: int = 3, seed: int = 0,
                    library: ExpertLibrary | None = None, dispatcher: Any = None,
-                   few_shot: Mapping[str, Sequence[float]] | None = None, progress: bool = True) -> StudyResult:
+                   few_shot: Mapping[str, Sequence[float]] | None = None,
+                   dispatchers: Mapping[str, Callable[[list[str]], Sequence[str | None]]] | None = None,
+                   prompt_options: Mapping[str, Any] | None = None, progress: bool = True) -> StudyResult:
     """Run the study on ``families`` (``{task: {"train": [{prompt, answer}], "eval": [...]}}``, e.g.
     :func:`reftkit.data.datasets.task_families`); ``config`` is every expert's ReftConfig; ``other_prompts``
     belong to no task: the second half trains the classification expert's "other", the first half counts
     towards routing accuracy. ``library`` (one expert per task, named after it), ``dispatcher`` (a trained
     dispatch ReftModel, left attached) and ``few_shot`` (weights per task) reuse earlier work instead of
-    training or searching again. The model is left as it was given."""
+    training or searching again. ``dispatchers``: further routing strategies, name → ``f(prompts)`` returning a
+    task (or ``None``) per prompt, placed before few-shot. ``prompt_options``: keywords for every
+    :func:`~reftkit.experts.prompt_dispatch` / :func:`~reftkit.experts.expert_dispatch` call (``template``,
+    ``max_new_tokens``, ...). The model is left as it was given."""
     from tqdm.auto import tqdm
 
     tasks = list(families)
@@ -100,7 +109,9 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
     own_dispatcher = dispatcher is None
     if own_dispatcher:
         start = time.perf_counter()
-        dispatcher = train_dispatch_expert(model, tokenizer, dispatcher_prompts, dispatcher_labels, tasks, **options)
+        dispatcher = train_dispatch_expert(model, tokenizer, dispatcher_prompts, dispatcher_labels, tasks, kind="reft",
+                                           **{k: v for k, v in (prompt_options or {}).items() if k == "template"},
+                                           **options)
         seconds["train dispatcher"] = time.perf_counter() - start
     steps.update()
     weights: dict[str, list[float]] = {t: list(w) for t, w in (few_shot or {}).items()}
@@ -120,15 +131,26 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
     routes: dict[str, list[str | None]] = {"base": [None] * len(prompts), "oracle": gold_task,
                                            "few-shot": [f"{t}/few-shot" for t in gold_task]}
     routing: dict[str, float] = {}
-    for name, dispatch in (("prompt", lambda p: prompt_dispatch(model, tokenizer, p, tasks)),
-                           ("classifier", lambda p: expert_dispatch(dispatcher, tokenizer, p, tasks))):
+    unparsed: dict[str, int] = {}
+    asks = dict(prompt_options or {})
+    by_name: dict[str, Callable[[list[str]], Sequence[str | None]]] = {
+        "prompt (generate)": lambda p: prompt_dispatch(model, tokenizer, p, tasks, **asks),
+        "prompt (rank)": lambda p: prompt_dispatch(model, tokenizer, p, tasks, method="rank",
+                                                   **{k: v for k, v in asks.items() if k != "chat_template"}),
+        "classifier (ReFT)": lambda p: expert_dispatch(dispatcher, tokenizer, p, tasks,
+                                                       **{k: v for k, v in asks.items() if k != "chat_template"}),
+        **(dispatchers or {})}
+    strategies = [*STRATEGIES[:-1], *[n for n in by_name if n not in STRATEGIES], STRATEGIES[-1]]
+    for name, dispatch in by_name.items():
         start = time.perf_counter()
         chosen = dispatch(routing_prompts)
         seconds[f"dispatch {name}"] = time.perf_counter() - start
         routing[name] = sum(c == g for c, g in zip(chosen, routing_gold)) / len(routing_gold)
         routes[name] = list(chosen[:len(prompts)])
+        if getattr(chosen, "generations", None) is not None:
+            unparsed[name] = chosen.unparsed
     completions: dict[str, list[str]] = {}
-    for name in STRATEGIES:
+    for name in strategies:
         start = time.perf_counter()
         if name == "multi-task":
             from reftkit.analysis.text_metrics import generate_predictions
@@ -147,7 +169,7 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
 
     labels = [first_word(row["answer"]) for _, row in held_out]
     records, table = [], []
-    for name in STRATEGIES:
+    for name in strategies:
         hits = [first_word(c) == lab for c, lab in zip(completions[name], labels)]
         for i, (task, row) in enumerate(held_out):
             records.append({"strategy": name, "task": task, "prompt": row["prompt"], "label": labels[i],
@@ -158,6 +180,7 @@ def dispatch_study(model: nn.Module, tokenizer: Any, families: Mapping[str, Mapp
             entry[task] = 100.0 * sum(h for h, t in zip(hits, gold_task) if t == task) / gold_task.count(task)
         entry["mean"] = sum(entry[t] for t in tasks) / len(tasks)
         entry["routing_accuracy"] = 100.0 * routing[name] if name in routing else float("nan")
+        entry["unparsed"] = unparsed.get(name, float("nan"))
         entry["dispatch_s"] = seconds.get(f"dispatch {name}", 0.0)
         entry["generate_s"] = seconds[f"generate {name}"]
         table.append(entry)

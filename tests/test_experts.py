@@ -262,8 +262,9 @@ def test_prompt_dispatch_routes_a_labelled_batch():
                "how many legs spider"]
     gold = ["dog", "cat", None, "movie", "dog", None]
     # the category list follows the request's "." and the stand-in reads the request alone
-    routes = prompt_dispatch(model, tok, prompts, names, other=other, template="{prompt} . {categories} ?")
-    assert routes == gold
+    routes = prompt_dispatch(model, tok, prompts, names, method="rank", other=other,
+                             template="{prompt} . {categories} ?")
+    assert routes == gold and routes.method == "rank" and routes.generations is None
 
 
 def test_classification_expert_and_few_shot_and_two_pass():
@@ -279,10 +280,13 @@ def test_classification_expert_and_few_shot_and_two_pass():
     template = "{prompt} . {categories} ?"
     config = {"layer": 2, "component": "block_output", "positions": "l1", "intervention": "loreft",
               "low_rank_dimension": 8}
-    assert prompt_dispatch(model, tok, prompts, names, other="no", template=template) != labels  # untrained
-    expert = train_dispatch_expert(model, tok, prompts, labels, names, config, other="no", template=template,
-                                   epochs=100, learning_rate=2e-2, batch_size=8, progress=False)
-    assert expert_dispatch(expert, tok, prompts, names, other="no", template=template) == labels
+    untrained = prompt_dispatch(model, tok, prompts, names, method="rank", other="no", template=template)
+    assert untrained != labels
+    expert = train_dispatch_expert(model, tok, prompts, labels, names, config, kind="reft", other="no",
+                                   template=template, epochs=100, learning_rate=2e-2, batch_size=8, progress=False)
+    assert expert_dispatch(expert, tok, prompts, names, method="rank", other="no", template=template) == labels
+    # trained on " <category>", the ReFT dispatcher also generates it
+    assert expert_dispatch(expert, tok, prompts, names, other="no", template=template, max_new_tokens=1) == labels
     expert.detach()
 
     # few-shot: the shots are answered by expert "b" only; CEM must find weights that reproduce its answers
@@ -301,6 +305,64 @@ def test_classification_expert_and_few_shot_and_two_pass():
     table = two_pass_generate(router, tok, shots, lambda p: ["shots"] * len(p), max_new_tokens=1)
     assert [" " + t for t in table.completion] == answers and list(table.route) == ["shots"] * 4
     router.detach()
+
+
+# Dispatch on prompts the dispatcher never saw: "dog" and "cat" requests go to those experts, anything else to the
+# base model ("no"). Training and held-out prompts share the nouns but not a single context.
+DISPATCH_OTHER_NOUNS = ["spider", "movie", "sky", "paris"]
+DISPATCH_TRAIN_CONTEXTS = ["tell me about {}", "what is a {}", "the {} is good", "{} that is great", "a {}"]
+DISPATCH_HELD_OUT_CONTEXTS = ["define word {}", "how many legs {}", "{} animal", "a bad {}", "is it a {}",
+                              "what about the {} ?"]
+
+
+def _dispatch_set(contexts, others_per_context):
+    rows = []
+    for i, context in enumerate(contexts):
+        rows += [(context.format("dog"), "dog"), (context.format("cat"), "cat")]
+        rows += [(context.format(DISPATCH_OTHER_NOUNS[(i * others_per_context + j) % 4]), None)
+                 for j in range(others_per_context)]
+    return [p for p, _ in rows], [label for _, label in rows]
+
+
+def test_classification_expert_routes_held_out_prompts():
+    """Strategy (b) scored on held-out prompts: three balanced classes, so chance — and any constant dispatcher —
+    gets 1/3. The trained dispatcher must beat that by a wide margin in every class; trained on the same prompts
+    with the dog/cat labels swapped (the negative control) it must route the held-out dog/cat prompts wrongly."""
+    train_prompts, train_labels = _dispatch_set(DISPATCH_TRAIN_CONTEXTS, 2)       # 5 dog, 5 cat, 10 other
+    held_prompts, held_labels = _dispatch_set(DISPATCH_HELD_OUT_CONTEXTS, 1)      # 6 dog, 6 cat, 6 other
+    assert not set(held_prompts) & set(train_prompts)
+    names = ["dog", "cat"]
+    # the order of DISPATCH_TEMPLATE: the category list, then the request, then a short cue
+    template = "{categories} ? {prompt} ."
+    config = {"layer": 1, "component": "block_output", "positions": "l1", "intervention": "loreft",
+              "low_rank_dimension": 8}
+
+    def accuracy(routes, gold, only=None):
+        pairs = [(r, g) for r, g in zip(routes, gold) if only is None or g in only]
+        return sum(r == g for r, g in pairs) / len(pairs)
+
+    def held_out_routes(labels):
+        model, tok = tiny_llama(), tiny_tokenizer()
+        model.resize_token_embeddings(len(tok))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30.0)  # a random tiny model's logits are too flat to rank anything
+        untrained = prompt_dispatch(model, tok, held_prompts, names, method="rank", other="no", template=template)
+        expert = train_dispatch_expert(model, tok, train_prompts, labels, names, config, kind="reft", other="no",
+                                       template=template, epochs=100, learning_rate=2e-2,
+                                       batch_size=len(train_prompts), progress=False)
+        routes = expert_dispatch(expert, tok, held_prompts, names, method="rank", other="no", template=template)
+        expert.detach()
+        return list(untrained), list(routes)
+
+    untrained, routes = held_out_routes(train_labels)
+    assert accuracy(untrained, held_labels) <= 0.5
+    assert accuracy(routes, held_labels) >= 0.7, routes  # 13 of 18 or more, against 6 of 18 by chance
+    for label in ("dog", "cat", None):
+        assert accuracy(routes, held_labels, only=[label]) >= 4 / 6, (label, routes)
+    swap = {"dog": "cat", "cat": "dog", None: None}
+    _, swapped = held_out_routes([swap[label] for label in train_labels])
+    assert accuracy(swapped, held_labels, only=["dog", "cat"]) <= 2 / 12, swapped
+    assert accuracy(swapped, [swap[label] for label in held_labels]) >= 0.7, swapped  # it learnt the swapped rule
 
 
 def test_mixture_saves_with_its_weights_and_refuses_bad_members(tmp_path):

@@ -27,7 +27,8 @@ SMALL = {
                              "METHODS = ['base', 'loreft', 'direft', 'lora', 'ia3', 'svf', 'prompt_tuning', "
                              "'p_tuning_v2', 'prefix_tuning', 'p_tuning', 'fpft']\n",
     "06_experts_and_dispatch.ipynb": "N_TRAIN = 8\nN_EVAL = 2\nN_OTHER = 4\nEPOCHS = 1\nSHOTS = 2\n"
-                                     "POPULATION = 5\nITERATIONS = 1\nTHREADS = 1\n",
+                                     "POPULATION = 5\nITERATIONS = 1\nN_SVF = 1\nSVF_EPOCHS = 1\nRL_EPOCHS = 1\n"
+                                     "THREADS = 1\n",
     "07_tfew_and_policy_gradient.ipynb": "N_TRAIN = 1\nN_EVAL = 2\nMAX_WORDS = 8\nEPOCHS = 1\nBATCH_SIZE = 4\n"
                                          "NUM_VIRTUAL_TOKENS = 1\nPG_STEPS = 1\nPG_BATCH = 2\nKL_COEF = 1.0\n"
                                          "SVF_TARGETS = ['layers.29.mlp.down_proj']\nMAX_NEW_TOKENS = 2\nTHREADS = 1\n",

@@ -1,7 +1,8 @@
 """Small checks and lookups shared by the analysis modules."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -24,3 +25,39 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: Any) -> None:
     if size > rows:
         raise ValueError(f"the tokenizer has {size} tokens but the model's input embedding has {rows} rows "
                          f"({type(model).__name__}): they are not a pair (a different model's tokenizer?)")
+
+
+#: a ReftModel's per-call inputs, which a model without interventions must refuse rather than ignore
+REFUSED_INTERVENTION_INPUTS = ("sources", "source_locations", "subspaces", "tasks")
+
+
+class PromptModelSurface:
+    """The ReftModel-like surface of a prompt method wrapping ``self.model.base`` (its ``config``, the
+    ``intervening`` no-op the shared losses call, and the refusal of intervention inputs). Subclasses set
+    ``_kind`` (for messages) and ``_builder`` (the function that builds them), and keep ``_detached``."""
+
+    _kind = "this model"
+    _builder = "its builder"
+    _detached: bool
+
+    @property
+    def config(self) -> Any:
+        return self.model.base.config
+
+    def _check_live(self) -> None:
+        if self._detached:
+            raise RuntimeError(f"this {type(self).__name__} was detached; build a new one with {self._builder}")
+
+    def _reft_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        refused = [k for k in REFUSED_INTERVENTION_INPUTS if kwargs.get(k) is not None]
+        if refused:
+            raise ValueError(f"{refused[0]}= is an intervention input; {self._kind} has no interventions")
+        return {k: v for k, v in kwargs.items() if k not in REFUSED_INTERVENTION_INPUTS + ("intervention_locations",)}
+
+    @contextlib.contextmanager
+    def intervening(self, input_ids: Any = None, attention_mask: Any = None, intervention_locations: Any = None,
+                    inputs_embeds: Any = None, **call: Any) -> Iterator[None]:
+        """Nothing to arm (the prompts enter through the forward); kept so losses treat every model alike."""
+        self._check_live()
+        self._reft_inputs(call)
+        yield

@@ -25,14 +25,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .common import model_device
+from .common import PromptModelSurface, model_device
 
 __all__ = ["PromptEnsembleModel", "get_prompt_ensemble", "ensemble_rank_classify", "majority_vote",
            "EnsemblePrediction"]
 
 WEIGHTS_NAME = "prompt_ensemble.safetensors"
 CONFIG_NAME = "prompt_ensemble_config.json"
-_REFUSED_INPUTS = ("sources", "source_locations", "subspaces", "tasks")
 
 
 class PromptReplicas(nn.Module):
@@ -107,10 +106,12 @@ class PromptReplicas(nn.Module):
         return out
 
 
-class PromptEnsembleModel(nn.Module):
+class PromptEnsembleModel(PromptModelSurface, nn.Module):
     """N soft prompts on one frozen causal LM, used like a :class:`reftkit.ReftModel` (see the module
     docstring). Build one with :func:`get_prompt_ensemble`; ``prompts`` ``[N, n, d]`` are the trained
     tensor, ``model`` the :class:`PromptReplicas` the forward runs."""
+
+    _kind, _builder = "a prompt ensemble", "get_prompt_ensemble"
 
     method = "prompt_ensemble"
     #: False: the virtual tokens enter through this model's own forward, so losses run it whole
@@ -138,32 +139,13 @@ class PromptEnsembleModel(nn.Module):
     def base_model(self) -> nn.Module:
         return self.model.base
 
-    @property
-    def config(self) -> Any:
-        return self.model.base.config
 
     @property
     def device(self) -> torch.device:
         return self.model.prompts.device
 
-    def _check_live(self) -> None:
-        if self._detached:
-            raise RuntimeError("this PromptEnsembleModel was detached; build a new one with get_prompt_ensemble")
 
-    @staticmethod
-    def _reft_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
-        refused = [k for k in _REFUSED_INPUTS if kwargs.get(k) is not None]
-        if refused:
-            raise ValueError(f"{refused[0]}= is an intervention input; a prompt ensemble has no interventions")
-        return {k: v for k, v in kwargs.items() if k not in _REFUSED_INPUTS + ("intervention_locations",)}
 
-    @contextlib.contextmanager
-    def intervening(self, input_ids: Any = None, attention_mask: Any = None, intervention_locations: Any = None,
-                    inputs_embeds: Any = None, **call: Any) -> Iterator[None]:
-        """Nothing to arm (the prompts enter through the forward); kept so losses treat every model alike."""
-        self._check_live()
-        self._reft_inputs(call)
-        yield
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:

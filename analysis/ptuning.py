@@ -24,13 +24,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .common import PromptModelSurface
 from .ptuning_template import PromptEncoder, TemplateLayout
 
 __all__ = ["PTuningModel", "TemplatePrompt", "get_ptuning_model"]
 
 WEIGHTS_NAME = "ptuning_encoder.safetensors"
 CONFIG_NAME = "ptuning_config.json"
-_REFUSED_INPUTS = ("sources", "source_locations", "subspaces", "tasks")
 _UNSUPPORTED = ("inputs_embeds", "position_ids", "past_key_values", "cache")
 
 
@@ -81,10 +81,12 @@ class TemplatePrompt(nn.Module):
         return self.base(**self.template_inputs(input_ids, attention_mask, labels), **loss_kwargs, **kwargs)
 
 
-class PTuningModel(nn.Module):
+class PTuningModel(PromptModelSurface, nn.Module):
     """Template P-tuning on a frozen causal LM, used like a :class:`reftkit.ReftModel` (see the module
     docstring). Build one with :func:`get_ptuning_model`; ``model`` is the :class:`TemplatePrompt` the
     forward runs, ``encoder`` the trained :class:`~reftkit.analysis.ptuning_template.PromptEncoder`."""
+
+    _kind, _builder = "template P-tuning", "get_ptuning_model"
 
     method = "p_tuning_template"
     #: False: the pseudo tokens enter through this model's own forward, so losses run it whole
@@ -111,32 +113,13 @@ class PTuningModel(nn.Module):
     def base_model(self) -> nn.Module:
         return self.model.base
 
-    @property
-    def config(self) -> Any:
-        return self.model.base.config
 
     @property
     def device(self) -> torch.device:
         return self.encoder.embedding.weight.device
 
-    def _check_live(self) -> None:
-        if self._detached:
-            raise RuntimeError("this PTuningModel was detached; build a new one with get_ptuning_model")
 
-    @staticmethod
-    def _reft_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
-        refused = [k for k in _REFUSED_INPUTS if kwargs.get(k) is not None]
-        if refused:
-            raise ValueError(f"{refused[0]}= is an intervention input; template P-tuning has no interventions")
-        return {k: v for k, v in kwargs.items() if k not in _REFUSED_INPUTS + ("intervention_locations",)}
 
-    @contextlib.contextmanager
-    def intervening(self, input_ids: Any = None, attention_mask: Any = None, intervention_locations: Any = None,
-                    inputs_embeds: Any = None, **call: Any) -> Iterator[None]:
-        """Nothing to arm (the prompts enter through the forward); kept so losses treat every model alike."""
-        self._check_live()
-        self._reft_inputs(call)
-        yield
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:

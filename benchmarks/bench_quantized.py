@@ -48,6 +48,7 @@ def run_variant(scheme: str, workdir: Path, args: argparse.Namespace) -> dict:
     return {"variant": scheme, "final_loss": curve[-1][1], "first_loss": curve[0][1],
             "rougeL": metrics["after"]["rougeL"], "rouge1": metrics["after"]["rouge1"],
             "base_weight_mb": metrics["base_weight_mb"], "train_peak_rss_mb": metrics.get("train_peak_rss_mb"),
+            "train_added_mb": metrics["train_peak_rss_mb"] - metrics["train_start_rss_mb"],
             "train_s": metrics["train_seconds"], "total_s": metrics["total_seconds"]}
 
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         table["weights_vs_fp32"] = table.base_weight_mb / base.base_weight_mb
         table["train_peak_vs_fp32"] = table.train_peak_rss_mb / base.train_peak_rss_mb
+        table["train_added_vs_fp32"] = table.train_added_mb / base.train_added_mb
         table["time_vs_fp32"] = table.train_s / base.train_s
     print(table.to_string(index=False))
     if args.write:
@@ -108,10 +110,16 @@ def write_results(table, args: argparse.Namespace, started: str, load_start, wal
         md_table(table.round(3)), "",
         "- `base_weight_mb`: bytes of the base's weights (int data and scales for quantized layers; the 49,152 x 576 "
         "embedding, tied to the LM head, stays float32 and is most of what remains). `train_peak_rss_mb`: the "
-        "process's peak resident memory while training, counted from after the load and quantization.",
-        "- On CPU torchao dequantizes weight-only layers in each matmul, so the quantized bases train slower here; "
-        "their gain is memory. Gradients through them equal the dequantized float32 model's "
-        "(`tests/test_quantized.py`).", end])
+        "process's peak resident memory while training, counted from after the load and quantization (the counter is "
+        "reset then); `train_added_mb`: that peak minus the resident memory when training began, i.e. what training "
+        "itself added (activations, saved tensors, the suffix-training store, optimizer state). The peak also holds "
+        "the process itself: a quantized run begins training with more resident (torchao's import is about 40 MB of "
+        "it; the recipe trims the heap and releases the float32 checkpoint's memory map after quantizing, without "
+        "which the map's pages stayed resident), so compare `train_added_mb` for what training needs.",
+        "- Backward keeps torchao weights quantized (`reftkit.training.quantized_linear`): torchao's own `F.linear` "
+        "saves a dequantized float32 copy of every weight the gradient crosses.",
+        "- On CPU torchao dequantizes weight-only layers in each matmul, so the quantized bases train slower here. "
+        "Gradients through them equal the dequantized float32 model's (`tests/test_quantized.py`).", end])
     write_section(begin, end, section)
 
 

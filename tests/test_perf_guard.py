@@ -23,8 +23,9 @@ def one_thread():
 
 def test_reftkit_within_ten_percent_of_a_minimal_hook():
     result = suite.smoke_guard()
-    # the timed code computes exactly what the hook computes
-    assert result["loss reftkit - hook"] == 0.0 and result["grad reftkit vs hook (rel)"] == 0.0
+    # the timed code computes what the hook computes, to float rounding (reftkit's cross entropy is its own
+    # one-pass function, the hook's is torch's)
+    assert result["loss reftkit - hook"] <= 1e-6 * 10 and result["grad reftkit vs hook (rel)"] <= 1e-5
     assert result["passed"], f"reftkit / minimal hook = {result['ratio']:.3f} > {result['limit']} ({result})"
 
 

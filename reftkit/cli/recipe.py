@@ -68,7 +68,17 @@ def _peak_rss_mb() -> float:
 
 def _reset_peak_rss() -> bool:
     """Restart the kernel's peak-RSS counter (``VmHWM``), so a later reading covers training only, not the
-    float32 load a quantized base starts from. False where that is impossible (not Linux)."""
+    float32 load a quantized base starts from. glibc's heap is trimmed first: the allocator otherwise keeps the pages
+    of the freed float32 weights resident, and the reading would count them. False where that is impossible (not
+    Linux)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the reading may include freed heap
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -76,10 +86,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _vm_hwm_mb() -> float | None:
+def _vm_hwm_mb(field: str = "VmHWM") -> float | None:
+    """``/proc/self/status``'s ``field`` in MB (``VmHWM``: peak resident memory; ``VmRSS``: current), or None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -107,6 +118,13 @@ def quantize_base(model: Any, scheme: str | None) -> Any:
     else:  # torchao's Int4WeightOnlyConfig needs CUDA kernels (mslk); the intx layout runs anywhere
         config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
     quantize_(model, config)
+    # The float32 checkpoint is memory-mapped: while any tensor still points into the map (the embedding, the
+    # norms), the pages quantization read stay resident, and the quantized base holds more memory than the float
+    # one. Owning copies of what stayed float release the map.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and not type(param).__module__.startswith("torchao"):
+                param.data = param.data.clone()
     return model
 
 
@@ -197,12 +215,15 @@ def run_train(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)   # what transformers prints instead when disable_tqdm is set
     reset = _reset_peak_rss()
+    resident = _vm_hwm_mb("VmRSS")
     start = time.perf_counter()
     trainer.train()
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
     peak = _vm_hwm_mb() if reset else None
     if peak is not None:  # the peak while training only (the load of a quantized base's float32 weights is before)
         metrics["train_peak_rss_mb"] = round(peak, 1)
+        if resident is not None:  # what training added to what the process held when it began
+            metrics["train_start_rss_mb"] = round(resident, 1)
     metrics["train_steps"] = trainer.state.global_step
     if trainer.prefix_cache is not None:
         pc = trainer.prefix_cache

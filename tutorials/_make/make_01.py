@@ -111,7 +111,8 @@ losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print(f"{STEPS} steps in {time.time() - t0:.0f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 counts = trainer.suffix_training.summary()
 print(f"suffix training: {counts['suffix_steps']} batches from their prompts, {counts['cached_steps']} from the store; "
-      f"{counts['prefix_tokens']:,} prompt tokens without autograd, {counts['suffix_tokens']:,} with")"""),
+      f"tokens run without autograd (prompts up to their intervened token): {counts['prefix_tokens']:,}; "
+      f"with autograd (that token and the response): {counts['suffix_tokens']:,}")"""),
 code("""fig = Figure(figsize=(5.5, 3))
 ax = fig.subplots()
 ax.plot(range(1, len(losses) + 1), losses, marker=".")

@@ -34,11 +34,13 @@ REFUSED_INTERVENTION_INPUTS = ("sources", "source_locations", "subspaces", "task
 class PromptModelSurface:
     """The ReftModel-like surface of a prompt method wrapping ``self.model.base`` (its ``config``, the
     ``intervening`` no-op the shared losses call, and the refusal of intervention inputs). Subclasses set
-    ``_kind`` (for messages) and ``_builder`` (the function that builds them), and keep ``_detached``."""
+    ``_kind`` (for messages) and ``_builder`` (the function that builds them), and keep ``_detached``, the base's own
+    ``requires_grad`` flags in ``_requires_grad`` and a ``model`` with ``base`` and ``enabled``."""
 
     _kind = "this model"
     _builder = "its builder"
     _detached: bool
+    _requires_grad: dict[str, bool]
 
     @property
     def config(self) -> Any:
@@ -61,3 +63,23 @@ class PromptModelSurface:
         self._check_live()
         self._reft_inputs(call)
         yield
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Behave as the base model (the method's prompts off) for the duration of the block."""
+        self._check_live()
+        self.model.enabled = False
+        try:
+            yield
+        finally:
+            self.model.enabled = True
+
+    def detach(self) -> nn.Module:
+        """The base model, bit-identical to before (the method never touched it), its flags restored."""
+        self._check_live()
+        base = self.model.base
+        for name, param in base.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self._detached = True
+        return base
+

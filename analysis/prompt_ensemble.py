@@ -16,11 +16,10 @@ choices under every prompt at once and votes (:func:`majority_vote`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -182,24 +181,7 @@ class PromptEnsembleModel(PromptModelSurface, nn.Module):
         print(text)
         return text
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Behave as the base model (no prompts, no replication: B rows) for the duration of the block."""
-        self._check_live()
-        self.model.enabled = False
-        try:
-            yield
-        finally:
-            self.model.enabled = True
 
-    def detach(self) -> nn.Module:
-        """The base model, bit-identical to before (the prompts never touched it), flags restored."""
-        self._check_live()
-        base = self.model.base
-        for name, param in base.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        self._detached = True
-        return base
 
     # -- saving: safetensors + JSON, never pickle -------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:

@@ -16,10 +16,9 @@ and the LM data modules and is the ``p_tuning_template`` method of :func:`reftki
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -158,24 +157,7 @@ class PTuningModel(PromptModelSurface, nn.Module):
         print(text)
         return text
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Behave as the base model (no template) for the duration of the block."""
-        self._check_live()
-        self.model.enabled = False
-        try:
-            yield
-        finally:
-            self.model.enabled = True
 
-    def detach(self) -> nn.Module:
-        """The base model, bit-identical to before (the encoder never touched it), flags restored."""
-        self._check_live()
-        base = self.model.base
-        for name, param in base.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        self._detached = True
-        return base
 
     # -- saving: safetensors + JSON, never pickle -------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

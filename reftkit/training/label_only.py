@@ -48,14 +48,7 @@ def label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     keep = targets != -100
     rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
     logits = head(rows).float()  # HF computes the loss in float32 too
-    loss = cross_entropy_sum(logits, targets[keep])
-    if num_items_in_batch is None:
-        loss = loss / keep.sum().clamp_min(1)
-    else:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss, logits
+    return _per_item(cross_entropy_sum(logits, targets[keep]), keep, num_items_in_batch), logits
 
 
 def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -66,9 +59,14 @@ def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor,
     labels = labels.to(logits.device)
     keep = labels != -100
     rows = logits[keep].float()
-    loss = cross_entropy_sum(rows, labels[keep])
+    return _per_item(cross_entropy_sum(rows, labels[keep]), keep, num_items_in_batch), rows
+
+
+def _per_item(loss: torch.Tensor, keep: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """A summed loss over the ``keep`` rows divided by ``num_items_in_batch`` (the trainer's count over the whole
+    accumulated batch: gradient-accumulation correct), or by the rows kept when it is not given."""
     if num_items_in_batch is None:
-        return loss / keep.sum().clamp_min(1), rows
+        return loss / keep.sum().clamp_min(1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch, rows
+    return loss / num_items_in_batch

@@ -129,9 +129,8 @@ class ReftModel(nn.Module):
         return self._locations(input_ids, attention_mask, intervention_locations)
 
     def prompt_locations(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Each intervention's positions (from the config) inside prompts of the given lengths,
-        counted from 0: ``[N, K, P]``, -1 = empty. Data modules store these with the examples, so
-        the response tokens appended after a prompt never shift where the interventions act."""
+        """Each intervention's positions (from the config) in prompts of these lengths, from 0: ``[N, K, P]``, -1 =
+        empty. Data modules store them with the examples, so appended responses never shift them."""
         missing = [key for key, spec in zip(self.interventions, self._specs) if spec is None]
         if missing:
             raise ValueError(f"interventions {missing} have positions=None in the config; give positions to "
@@ -223,9 +222,7 @@ class ReftModel(nn.Module):
         a step costs what the bare model's does. That needs the cache, hence ``use_cache=False`` is
         refused rather than silently losing the effect. ``sources``, ``subspaces`` and ``tasks`` are
         as in :meth:`forward` (a task's rows keep their routing through decoding). ``edit_new_tokens``
-        overrides the config for the decode steps: ``True``, every intervention edits each new token;
-        ``False``, none does.
-        """
+        overrides the config for decode steps: ``True``, every intervention edits each new token; ``False``, none."""
         self._check_live()
         check_keywords("generate", self.model, input_ids, kwargs)
         gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
@@ -267,20 +264,29 @@ class ReftModel(nn.Module):
                 handle.remove()
             self._hooks.state = None
 
+    @contextlib.contextmanager
+    def decoding(self, batch: int, *, tasks: Any = None, edit_new_tokens: bool | None = None) -> Iterator[CallState]:
+        """Decode steps of a hand-written generation loop (a server's): each call in the block feeds ``batch``
+        new tokens on a KV cache whose prompts ran under :meth:`intervening`; as in :meth:`generate`, only
+        ``"all"``-position interventions edit them (``edit_new_tokens`` overrides), row i as ``tasks[i]``."""
+        self._check_live()
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        state = self._call_state(ids, None, None, None, tasks=tasks, inputs={}, generating=True)
+        state.decoding, state.edit_new_tokens = True, bool(edit_new_tokens)
+        state.active = edit_new_tokens is not False
+        self._hooks.state = state
+        try:
+            yield state
+        finally:
+            self._hooks.state = None
+
     # -- compilation ----------------------------------------------------------------------
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """``torch.compile`` the wrapped model in place, its intervention hooks traced into its graph
-        (arguments as for :meth:`torch.nn.Module.compile`, e.g. ``backend="inductor"``, ``dynamic=True``).
-
-        Why not ``nn.Module.compile`` of this wrapper: the per-call position work in :meth:`forward`
-        validates explicit locations on the host (a graph break each) for a handful of ``[B, P]`` ops,
-        and the calls that matter bypass the wrapper's forward anyway: :func:`reftkit.training.causal_lm_loss`
-        runs the backbone directly and :meth:`generate` calls the Hugging Face model. So both of those
-        are compiled (a call through the outer one inlines the inner one); positions stay eager and
-        reach the graph as tensors the hooks read, so new positions never recompile, a new sequence
-        length does once (then shapes go dynamic). Not so mixed-task batches (``tasks=``): their rows
-        are routed by host lists, so each distinct row-to-task assignment compiles its own graph.
-        """
+        (arguments as for :meth:`torch.nn.Module.compile`). Not the wrapper's own ``compile``: :meth:`generate`
+        and :func:`reftkit.training.causal_lm_loss` bypass this forward, so the HF model (and its decoder) is
+        compiled; positions stay eager and reach the graph as tensors, so new positions never recompile.
+        Mixed-task batches (``tasks=``) route rows by host lists: each row-to-task assignment compiles anew."""
         self._check_live()
         targets = [self.model]
         inner = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
@@ -318,8 +324,7 @@ class ReftModel(nn.Module):
         return text
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
-        """Enable the base model's activation checkpointing, non-reentrant by default so gradients
-        reach interventions inside checkpointed layers although the base model is frozen."""
+        """The base model's activation checkpointing, non-reentrant by default (gradients reach the interventions)."""
         ckpt = {"use_reentrant": False} | (gradient_checkpointing_kwargs or {})
         if not _checkpointing(self.model) and self._undo_checkpointing is None:
             # what detach() turns back off: checkpointing, and the input-grad hook transformers adds with it
@@ -337,10 +342,8 @@ class ReftModel(nn.Module):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def detach(self) -> nn.Module:
-        """Remove every hook and return the base model. When no other ``ReftModel`` is attached to the same base,
-        its own ``requires_grad`` flags and train/eval mode (per submodule, as they were before the first of them
-        attached) are restored; while another one is attached the base stays frozen. Checkpointing enabled through
-        this ``ReftModel`` is turned off again."""
+        """Remove every hook and return the base model; once no other ``ReftModel`` holds it, its ``requires_grad``
+        flags and per-submodule train/eval mode are restored, and checkpointing enabled through this one is undone."""
         self._check_live()
         self._hooks.remove()
         self._detached = True
@@ -379,10 +382,8 @@ class ReftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, verify_weights: bool = True) -> "ReftModel":
-        """Attach the interventions saved in ``path`` (by :meth:`save_pretrained`) to ``model``.
-
-        The weights file must match the SHA-256 that ``config.json`` records; ``verify_weights=False`` loads a
-        folder without that record (or one whose weights were edited on purpose). Any failure raises
+        """Attach the interventions saved in ``path`` (by :meth:`save_pretrained`) to ``model``. The weights must
+        match the SHA-256 ``config.json`` records (``verify_weights=False``: not checked). A failure raises
         :class:`~reftkit.serialization.LoadError` naming the file and leaves ``model`` as it was."""
         return load_reft(model, path, build=cls, verify_weights=verify_weights)
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: installed package name -> source folder (pyproject's package-dir)
 PACKAGES = {"reftkit": ROOT / "reftkit", "reftkit.interventions": ROOT / "interventions",
             "reftkit.analysis": ROOT / "analysis", "reftkit.experts": ROOT / "experts"}
-ROOMS = ("data", "training", "models", "cli", "pyreft")
+ROOMS = ("data", "training", "models", "cli", "pyreft", "serve")
 #: room -> the rooms its modules may import ("facade": ``reftkit/__init__``, which lends names of
 #: data, training and models, so only the rooms above those may import it)
 ALLOWED = {
@@ -31,7 +31,9 @@ ALLOWED = {
     "facade": {"core", "interventions", "data", "models", "training"},
     "analysis": {"analysis", "facade", "training", "data", "models", "core", "interventions"},
     "experts": {"experts", "analysis", "facade", "training", "data", "models", "core", "interventions"},
-    "cli": {"cli", "experts", "analysis", "facade", "training", "data", "models", "core", "interventions"},
+    # the OpenAI-compatible server: serves what the rest of the house trains and saves
+    "serve": {"serve", "experts", "analysis", "facade", "training", "data", "models", "core", "interventions"},
+    "cli": {"cli", "serve", "experts", "analysis", "facade", "training", "data", "models", "core", "interventions"},
 }
 MAX_LINES = 400
 MAX_CORE_MODULES = 12

@@ -25,7 +25,7 @@ TOP_LEVEL = {
     "ReftForSequenceClassification",
 }
 PACKAGES = ("reftkit.data", "reftkit.training", "reftkit.models", "reftkit.cli", "reftkit.interventions",
-            "reftkit.analysis", "reftkit.experts", "reftkit.pyreft")
+            "reftkit.analysis", "reftkit.experts", "reftkit.pyreft", "reftkit.serve")
 #: documented submodule paths that code in the wild imports
 DOCUMENTED = (
     "reftkit.training.ReftTrainer", "reftkit.training.causal_lm_loss", "reftkit.training.FrozenPrefixCache",
@@ -42,7 +42,7 @@ DOCUMENTED = (
     "reftkit.analysis.text_metrics.bleu4", "reftkit.analysis.multiple_choice.rank_classify",
     "reftkit.experts.ExpertLibrary", "reftkit.pyreft.get_reft_model", "reftkit.pyreft.ReftTrainerForCausalLM",
     "reftkit.pyreft.make_last_position_supervised_data_module", "reftkit.pyreft_import.pyvene_component",
-    "reftkit.call_inputs.PYVENE_CALL_ARGUMENTS",
+    "reftkit.call_inputs.PYVENE_CALL_ARGUMENTS", "reftkit.serve.serve", "reftkit.serve.engine.Engine",
 )
 _REFERENCE = re.compile(r"\breftkit(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 

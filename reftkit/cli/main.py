@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,7 +22,47 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("config")
     evaluate.add_argument("--interventions", default=None, help="a save folder; omit to score the bare model")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    serve = sub.add_parser("serve", help="serve the base model and trained adapters behind an OpenAI-compatible API")
+    serve.add_argument("base", help="'smollm2' (the embedded model), a model folder or a Hub id")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                       help="a save folder served as model 'BASE:NAME' (repeat for more)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", default=None, help="what requests call the base (default: BASE or its folder name)")
+    serve.add_argument("--api-key", default=os.environ.get("REFTKIT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $REFTKIT_API_KEY; none: open)")
+    serve.add_argument("--admin-key", default=os.environ.get("REFTKIT_ADMIN_KEY"),
+                       help="enables /v1/adapters (load/unload at run time) for this key (default: "
+                            "$REFTKIT_ADMIN_KEY; none: off)")
+    serve.add_argument("--max-batch", type=int, default=16, help="most rows in one generation batch")
+    serve.add_argument("--window-ms", type=float, default=10.0, help="how long to gather requests into a batch")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this are answered 429")
+    serve.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    serve.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    serve.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests")
+    serve.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            from reftkit.serve import serve as run_server
+        except ImportError as err:
+            raise SystemExit(f"reftkit serve needs the server's packages ({err.name} is missing): "
+                             "pip install 'reftkit[serve]'") from None
+
+        adapters = {}
+        for item in args.adapter:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                parser.error(f"--adapter {item!r}: expected NAME=FOLDER")
+            if name in adapters:
+                parser.error(f"--adapter {name!r} is given twice")
+            adapters[name] = folder
+        run_server(args.base, adapters, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+                   log_level=args.log_level, name=args.name, dtype=args.dtype, device=args.device,
+                   max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue,
+                   default_max_tokens=args.max_tokens, api_key=args.api_key, admin_key=args.admin_key)
+        return 0
     if args.command == "demo":
         from .demo import run
         result = run(steps=args.steps, out_dir=args.out, seed=args.seed)

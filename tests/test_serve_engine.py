@@ -97,6 +97,28 @@ def test_finished_rows_leave_the_batch(served):
     assert results[0].finished_at < results[2].finished_at < results[1].finished_at
 
 
+def test_requests_join_a_running_batch(served, folders):
+    engine, tokenizer = served
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    long, short = Collector(), Collector()
+    joined = threading.Event()
+
+    def long_sink(event, payload):  # once the long row is generating, a short request arrives
+        if event == "text" and not joined.is_set():
+            joined.set()
+            engine.submit(GenerationRequest(prompt_ids=ids[1], route="b", max_tokens=5, sink=short, temperature=0.0))
+        long(event, payload)
+    engine.submit(GenerationRequest(prompt_ids=ids[0], route="ia3", max_tokens=60, sink=long_sink,
+                                    temperature=0.0))
+    long.wait(), short.wait()
+    assert engine.stats["batches"] == 1 and engine.stats["joined"] == 1 and engine.stats["mixed_batches"] == 1
+    assert short.finished_at < long.finished_at
+    # the joined row took part in 4 decode steps (its first token came from its own prefill)
+    assert engine.stats["row_steps"] == 59 + 4
+    assert long.done["tokens"] == offline(folders, "ia3", ids[0], 60)
+    assert short.done["tokens"] == offline(folders, "b", ids[1], 5)
+
+
 def test_svf_experts_batch_apart_and_match(served, folders):
     engine, tokenizer = served
     routes, lengths = ["svf", "a", None, "svf"], [6, 6, 6, 4]

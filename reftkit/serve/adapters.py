@@ -240,10 +240,10 @@ class AdapterSet:
 
         It is built on the plain base (SVF layers taken out for the attach and put back after), so its hooks sit
         on the original linear layers, which the SVF layers call while they are disabled (ReFT batches)."""
-        if self.reft is not None:
-            self.reft.detach()
-            self.reft = None
-        with self._plain_base():
+        with self._plain_base():  # detached as attached: on the base without SVF layers
+            if self.reft is not None:
+                self.reft.detach()
+                self.reft = None
             self.reft = self._attach([a for a in [*self.adapters.values(), *self.mixtures.values()]
                                       if a.kind == "reft"])
 

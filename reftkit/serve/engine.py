@@ -6,7 +6,8 @@ left-padded prompts under the mixed-task model (row i edited by adapter ``tasks[
 on the KV cache (``ReftModel.decoding``: only every-token interventions such as IA3 act there). Tokens go back
 to each request as they are made; a row that ends (EOS, ``max_tokens``, a stop string, a client that left)
 leaves the batch at once: its rows of the KV cache are dropped and its caller is answered, while the others
-go on. Batch classes: every ReFT adapter and the bare model share one (the mixed-task routing); each SVF
+go on. Requests that arrive meanwhile join between two steps: they are prefilled apart and their keys/values
+merged into the batch's cache (the shorter side left-padded and masked). Batch classes: every ReFT adapter and the bare model share one (the mixed-task routing); each SVF
 expert is its own, because SVF changes the base weights for the whole forward.
 
 Positions follow ``generate``: each row's position ids count its real tokens, so a padded row computes what
@@ -62,6 +63,7 @@ class _Row:
 
     def __init__(self, request: GenerationRequest, tokenizer: Any, eos: set[int]) -> None:
         self.request, self.tokenizer, self.eos = request, tokenizer, eos
+        self.task: str | None = None  # its task in the mixed-task model (None: the bare model or an SVF route)
         self.tokens: list[int] = []
         self.sent = ""
         self.generator = None
@@ -127,7 +129,7 @@ class Engine:
         self._stopped = False
         self.running = 0
         self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "max_batch_rows": 0, "decode_steps": 0,
-                      "row_steps": 0, "cancelled": 0, "errors": 0}
+                      "row_steps": 0, "joined": 0, "cancelled": 0, "errors": 0}
         self._thread = threading.Thread(target=self._loop, name="reftkit-serve-engine", daemon=True)
         self._thread.start()
 
@@ -216,7 +218,6 @@ class Engine:
                 else:
                     rest.append(request)
             self._queue = rest
-            self.running = len(batch)
             return batch
 
     def _run(self, batch: list[GenerationRequest]) -> None:
@@ -238,16 +239,63 @@ class Engine:
 
     @torch.no_grad()
     def _generate(self, batch: list[GenerationRequest]) -> None:
-        adapters, device = self.adapters, next(self.model.parameters()).device
-        rows = [_Row(r, self.tokenizer, self.eos) for r in batch]
-        routes = [r.route for r in batch]
-        svf_route = self._batch_class(batch[0])
-        reft = adapters.reft
-        tasks = [r if adapters.route_kind(r) == "reft" else None for r in routes]
+        """Prefill, then decode steps until every row has ended; rows that end leave, queued requests of the same
+        batch class join between steps (prefilled apart, then merged into the batch's KV cache)."""
+        key, reft = self._batch_class(batch[0]), self.adapters.reft
         self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        self.stats["mixed_batches"] += len(set(routes)) > 1
-        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
+        routes: set[str | None] = set()
+        with self.adapters.svf_route(key):
+            rows, cache, mask, positions, logits = self._prefill(batch, reft)
+            self._count(routes, batch, len(rows))
+            while True:
+                keep, chosen = self._take(rows, logits)
+                if len(keep) < len(rows):  # finished rows leave: the others stop paying for them
+                    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+                    cache.batch_select_indices(index)
+                    rows = [rows[p] for p in keep]
+                    mask, positions, chosen = mask[index], positions[index], chosen[index]
+                joiners = self._joiners(key, self.max_batch - len(rows)) if _mergeable(cache) else []
+                if joiners:
+                    new_rows, new_cache, new_mask, new_positions, new_logits = self._prefill(joiners, reft)
+                    new_keep, new_chosen = self._take(new_rows, new_logits)
+                    if new_keep:
+                        index = torch.tensor(new_keep, dtype=torch.long, device=mask.device)
+                        new_cache.batch_select_indices(index)
+                        cache, mask = _merged(cache, mask, new_cache, new_mask[index])
+                        rows += [new_rows[p] for p in new_keep]
+                        positions = torch.cat([positions, new_positions[index]])
+                        chosen = torch.cat([chosen, new_chosen[index]])
+                    self._count(routes, joiners, len(rows))
+                self.running = len(rows)
+                if not rows:
+                    return
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+                positions = positions + 1
+                stepping = reft.decoding(len(rows), tasks=[row.task for row in rows]) if reft is not None \
+                    else contextlib.nullcontext()
+                with stepping:
+                    out = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
+                                     use_cache=True, **{self._cache_arg: cache})
+                logits = out.logits[:, -1].float()
+                self.stats["decode_steps"] += 1
+                self.stats["row_steps"] += len(rows)
+
+    def _count(self, routes: set[str | None], batch: list[GenerationRequest], rows: int) -> None:
+        """Counters, as soon as they change (a caller answered at once may read them)."""
+        mixed = len(routes) > 1
+        routes |= {r.route for r in batch}
+        self.stats["mixed_batches"] += len(routes) > 1 and not mixed
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], rows)
+
+    def _prefill(self, batch: list[GenerationRequest], reft: Any) -> tuple[list[_Row], Any, torch.Tensor,
+                                                                             torch.Tensor, torch.Tensor]:
+        """The left-padded prompts through the model, row i under its adapter: rows, KV cache, mask, each row's
+        last position id ``[n, 1]``, and the next-token logits ``[n, vocab]``."""
+        rows = [_Row(r, self.tokenizer, self.eos) for r in batch]
+        for row in rows:
+            row.task = row.request.route if self.adapters.route_kind(row.request.route) == "reft" else None
+        self.stats["rows"] += len(rows)
+        device = next(self.model.parameters()).device
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -257,36 +305,42 @@ class Engine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        with adapters.svf_route(svf_route):
-            routed = reft.intervening(ids, mask, tasks=tasks) if reft is not None else contextlib.nullcontext()
-            with routed:
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 **self._last_only, **{self._cache_arg: cache})
-            alive = list(range(len(batch)))
-            while True:
-                chosen = self._choose(out.logits[:, -1].float(), [rows[i] for i in alive])
-                keep = []
-                for place, i in enumerate(alive):
-                    if rows[i].request.cancelled.is_set():
-                        self.stats["cancelled"] += 1
-                    elif rows[i].add(int(chosen[place])) is None:
-                        keep.append(place)
-                if not keep:
-                    return
-                if len(keep) < len(alive):  # finished rows leave: the others stop paying for them
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, positions, chosen = mask[index], positions[index], chosen[index]
-                    alive = [alive[p] for p in keep]
-                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
-                positions = positions[:, -1:] + 1
-                stepping = reft.decoding(len(alive), tasks=[tasks[i] for i in alive]) if reft is not None \
-                    else contextlib.nullcontext()
-                with stepping:
-                    out = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
-                                     use_cache=True, **{self._cache_arg: cache})
-                self.stats["decode_steps"] += 1
-                self.stats["row_steps"] += len(alive)
+        routed = reft.intervening(ids, mask, tasks=[row.task for row in rows]) if reft is not None \
+            else contextlib.nullcontext()
+        with routed:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **self._last_only, **{self._cache_arg: cache})
+        return rows, cache, mask, positions[:, -1:], out.logits[:, -1].float()
+
+    def _take(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Each row's next token, handed to the row: the places of the rows that go on, and the tokens."""
+        chosen = self._choose(logits, rows)
+        keep = []
+        for place, row in enumerate(rows):
+            if row.request.cancelled.is_set():
+                self.stats["cancelled"] += 1
+            elif row.add(int(chosen[place])) is None:
+                keep.append(place)
+        return keep, chosen
+
+    def _joiners(self, key: str | None, room: int) -> list[GenerationRequest]:
+        """Queued requests of batch class ``key`` that can join the running batch now (none while an adapter
+        load waits: it runs between batches, so the batch must be let to end)."""
+        if room <= 0:
+            return []
+        with self._cond:
+            if self._admin or not self._queue:
+                return []
+            taken, rest = [], deque()
+            for request in self._queue:
+                if len(taken) < room and not request.cancelled.is_set() and self._batch_class(request) == key \
+                        and self.adapters.route_kind(request.route) != "gone":
+                    taken.append(request)
+                else:
+                    rest.append(request)
+            self._queue = rest
+        self.stats["joined"] += len(taken)
+        return taken
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Per row: the arg-max (temperature 0) or a sample at its temperature within its top-p nucleus."""
@@ -303,3 +357,22 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter(0, order, ordered)
             chosen[place] = torch.multinomial(probs.cpu(), 1, generator=row.generator)[0].to(chosen.device)
         return chosen
+
+
+def _mergeable(cache: Any) -> bool:
+    """Rows can join a batch whose cache is plain per-layer keys/values (not sliding-window or quantized layers)."""
+    return all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+               for layer in getattr(cache, "layers", [None]))
+
+
+def _merged(cache: Any, mask: torch.Tensor, other: Any, other_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Two batches' caches and masks as one: the shorter left-padded (masked out), rows of ``other`` last."""
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def pad(t: torch.Tensor, have: int) -> torch.Tensor:  # [B, H, T, D] or [B, T], padded on the left
+        return torch.nn.functional.pad(t, (0, 0, width - have, 0) if t.dim() == 4 else (width - have, 0))
+    pairs = [(torch.cat([pad(a.keys, mask.shape[1]), pad(b.keys, other_mask.shape[1])]),
+              torch.cat([pad(a.values, mask.shape[1]), pad(b.values, other_mask.shape[1])]))
+             for a, b in zip(cache.layers, other.layers)]
+    return DynamicCache(ddp_cache_data=pairs), torch.cat([pad(mask, mask.shape[1]),
+                                                          pad(other_mask, other_mask.shape[1])])

@@ -161,12 +161,17 @@ def _text_of(content: Any, index: int) -> str:
                    f"messages[{index}].content")
 
 
-def parse_chat(body: Any, base: str, adapters: Any, tokenizer: Any, limits: dict[str, int]) -> Parsed:
-    """A ``/v1/chat/completions`` body: the messages through the tokenizer's chat template."""
+def _checked_start(body: Any, allowed: set[str], base: str, adapters: Any) -> tuple[str, str | None]:
+    """What both endpoints check first: a JSON object, only fields they support, a model that exists."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    _refuse_unsupported(body, _CHAT)
-    model, route = split_model(body.get("model"), base, adapters)
+    _refuse_unsupported(body, allowed)
+    return split_model(body.get("model"), base, adapters)
+
+
+def parse_chat(body: Any, base: str, adapters: Any, tokenizer: Any, limits: dict[str, int]) -> Parsed:
+    """A ``/v1/chat/completions`` body: the messages through the tokenizer's chat template."""
+    model, route = _checked_start(body, _CHAT, base, adapters)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {'role', 'content'} objects", "messages")
@@ -190,10 +195,7 @@ def parse_chat(body: Any, base: str, adapters: Any, tokenizer: Any, limits: dict
 
 def parse_completion(body: Any, base: str, adapters: Any, tokenizer: Any, limits: dict[str, int]) -> Parsed:
     """A ``/v1/completions`` body: ``prompt`` is a string or a list of strings (one row each)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    _refuse_unsupported(body, _COMPLETION)
-    model, route = split_model(body.get("model"), base, adapters)
+    model, route = _checked_start(body, _COMPLETION, base, adapters)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):

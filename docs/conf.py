@@ -46,9 +46,11 @@ add_module_names = False
 # intersphinx: the build is offline), so their type names are the only ones allowed to stay unresolved.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|nn|transformers|numpy|np|pandas|pd|matplotlib|peft|safetensors|nnsight|accelerate)(\..*)?"),
+    (r"py:.*", r"(torch|nn|transformers|numpy|np|pandas|pd|matplotlib|peft|safetensors|nnsight|accelerate|fastapi|"
+               r"starlette|uvicorn)(\..*)?"),
     (r"py:class", r"Tensor"),  # an annotation string autodoc cannot evaluate keeps torch's bare name
-    (r"py:.*", r"(typing|collections\.abc|types|pathlib|os|enum|dataclasses|argparse|io|random|importlib|json|re)\..*"),
+    (r"py:.*", r"(typing|collections\.abc|types|pathlib|os|enum|dataclasses|argparse|io|random|importlib|json|re|"
+               r"threading|concurrent\.futures|asyncio)\..*"),
 ]
 
 html_theme = "furo"

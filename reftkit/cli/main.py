@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--name", default=None, help="what requests call the base (default: BASE or its folder name)")
-    serve.add_argument("--api-key", default=os.environ.get("REFTKIT_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get("REFTKIT_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' (default: $REFTKIT_API_KEY; none: open)")
-    serve.add_argument("--admin-key", default=os.environ.get("REFTKIT_ADMIN_KEY"),
+    serve.add_argument("--admin-key", default=os.environ.get("REFTKIT_ADMIN_KEY") or None,
                        help="enables /v1/adapters (load/unload at run time) for this key (default: "
                             "$REFTKIT_ADMIN_KEY; none: off)")
     serve.add_argument("--max-batch", type=int, default=16, help="most rows in one generation batch")

@@ -59,9 +59,9 @@ class Adapter:
 
 
 class AdapterSet:
-    """Named adapters on ``model``; :attr:`reft` is the mixed-task model of the ReFT ones (``None`` without any).
+    """Named adapters on ``model``; ``reft`` is the mixed-task model of the ReFT ones (``None`` without any).
 
-    Not thread-safe by design: the serving engine calls :meth:`load` / :meth:`unload` between batches only."""
+    Not thread-safe by design: the serving engine calls ``load`` / ``unload`` / ``mixture`` between batches only."""
 
     def __init__(self, model: nn.Module) -> None:
         config = getattr(model, "config", None)

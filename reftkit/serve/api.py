@@ -35,6 +35,9 @@ def _error(err: ApiError) -> JSONResponse:
 def create_app(engine: Engine, base: str, *, api_key: str | None = None, admin_key: str | None = None,
                default_max_tokens: int = 256, max_prompts: int = 16) -> FastAPI:
     """The app serving ``engine``'s model as ``base`` and its adapters as ``base:<name>``."""
+    for name, key in (("api_key", api_key), ("admin_key", admin_key)):
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise ValueError(f"{name}={key!r}: give a non-empty key, or None for no key")
     app = FastAPI(title="reftkit serve", docs_url=None, redoc_url=None, openapi_url=None)
     adapters, tokenizer = engine.adapters, engine.tokenizer
     config = adapters.model.config

@@ -7,8 +7,9 @@ on the KV cache (``ReftModel.decoding``: only every-token interventions such as 
 to each request as they are made; a row that ends (EOS, ``max_tokens``, a stop string, a client that left)
 leaves the batch at once: its rows of the KV cache are dropped and its caller is answered, while the others
 go on. Requests that arrive meanwhile join between two steps: they are prefilled apart and their keys/values
-merged into the batch's cache (the shorter side left-padded and masked). Batch classes: every ReFT adapter and the bare model share one (the mixed-task routing); each SVF
-expert is its own, because SVF changes the base weights for the whole forward.
+merged into the batch's cache (the shorter side left-padded and masked). Batch classes: every ReFT adapter and
+the bare model share one (the mixed-task routing); each SVF expert is its own, because SVF changes the base
+weights for the whole forward.
 
 Positions follow ``generate``: each row's position ids count its real tokens, so a padded row computes what
 it computes alone (greedy outputs equal ``ReftModel.generate`` on the prompt alone, token for token).

@@ -32,6 +32,7 @@ SMALL = {
     "07_tfew_and_policy_gradient.ipynb": "N_TRAIN = 1\nN_EVAL = 2\nMAX_WORDS = 8\nEPOCHS = 1\nBATCH_SIZE = 4\n"
                                          "NUM_VIRTUAL_TOKENS = 1\nPG_STEPS = 1\nPG_BATCH = 2\nKL_COEF = 1.0\n"
                                          "SVF_TARGETS = ['layers.29.mlp.down_proj']\nMAX_NEW_TOKENS = 2\nTHREADS = 1\n",
+    "08_serving.ipynb": "STEPS = 2\nMAX_NEW_TOKENS = 6\nCLIENTS = 3\n",
 }
 
 

@@ -8,7 +8,9 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer
 
 import reftkit
-from reftkit.analysis.svf import apply_svf, save_svf
+from reftkit.analysis.svf import apply_svf, load_svf, save_svf
+from reftkit.experts import ExpertLibrary
+from reftkit.interventions.adapter_placement import houlsby_representations
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")
@@ -29,7 +31,8 @@ def base_model(context: int = 4096) -> torch.nn.Module:
 
 
 def build(root: Path) -> dict[str, Path]:
-    """``{"base": folder, "a": ..., "b": ..., "ia3": ..., "svf": ...}`` under ``root``."""
+    """``{"base": folder, "a": ..., "a2", "b", "ia3", "houlsby", "svf", "svf2", "lib", "svflib"}`` under ``root``
+    (``lib`` / ``svflib``: expert libraries of a + a2 and svf + svf2)."""
     root.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(padding_side="left")
     tok.chat_template = CHAT_TEMPLATE
@@ -45,6 +48,7 @@ def build(root: Path) -> dict[str, Path]:
         "ia3": [{"layer": 1, "component": "mlp_activation", "positions": "all", "intervention": "ia3"}],
     }
     specs["a2"] = specs["a"]  # the same sites as "a", other weights: the two can be mixed
+    specs["houlsby"] = houlsby_representations(base_model(), reduction_factor=4)  # at every token, after both blocks
     for i, (name, spec) in enumerate(specs.items()):
         reft = reftkit.get_reft_model(base_model(), spec)
         torch.manual_seed(100 + i)
@@ -63,13 +67,23 @@ def build(root: Path) -> dict[str, Path]:
                 m.z.mul_(torch.rand_like(m.z) * 3)
         folders[name] = root / name
         save_svf(svf_base, folders[name])
+    for library_name, members in (("lib", ("a", "a2")), ("svflib", ("svf", "svf2"))):  # expert libraries
+        library = ExpertLibrary()
+        for member in members:
+            model = base_model()
+            if member.startswith("svf"):
+                load_svf(model, folders[member])
+                library.add(member, model)
+            else:
+                reft = reftkit.ReftModel.from_pretrained(model, folders[member])
+                library.add(member, reft)
+                reft.detach()
+        folders[library_name] = library.save(root / library_name)
     return folders
 
 
 def offline(folders: dict[str, Path], route: str | None, ids: list[int], max_new_tokens: int) -> list[int]:
     """The reference: ``ReftModel.generate`` (or the bare / SVF model's) on this prompt alone, greedy."""
-    from reftkit.analysis.svf import load_svf
-
     model, _ = reftkit.load_model(str(folders["base"]))
     runner = model
     if route in ("svf", "svf2"):

@@ -23,7 +23,7 @@ def folders(tmp_path_factory):
 def served(folders):
     model, tokenizer = reftkit.load_model(str(folders["base"]))
     adapters = AdapterSet(model)
-    for name in ("a", "b", "ia3", "svf", "a2", "svf2"):
+    for name in ("a", "b", "ia3", "svf", "a2", "svf2", "houlsby"):
         adapters.load(name, folders[name])
     engine = Engine(adapters, tokenizer, window_ms=200, max_batch=16)
     yield engine, tokenizer
@@ -66,7 +66,7 @@ def submit_all(engine: Engine, tokenizer, routes, max_tokens, **kw) -> list[Coll
 
 def test_mixed_batch_rows_equal_each_adapter_alone(served, folders):
     engine, tokenizer = served
-    routes, lengths = ["ia3", "b", "a", None, "a", "b"], [10, 12, 9, 7, 16, 3]
+    routes, lengths = ["ia3", "b", "a", None, "houlsby", "b"], [10, 12, 9, 7, 16, 3]
     results = submit_all(engine, tokenizer, routes, lengths)
     assert engine.stats["batches"] == 1 and engine.stats["mixed_batches"] == 1
     assert engine.stats["max_batch_rows"] == 6
@@ -201,6 +201,23 @@ def test_mixtures_follow_the_experts_rules(served, folders):
             engine.call_between_batches(lambda spec=spec: adapters.mixture(spec)).result(30)
     adapters.unload("a2")
     assert not [k for k in adapters.mixtures if "a2" in k]
+
+
+def test_expert_libraries_load_as_one_adapter_per_expert(folders):
+    model, tokenizer = reftkit.load_model(str(folders["base"]))
+    adapters = AdapterSet(model)
+    loaded = adapters.load("lib", folders["lib"]) + adapters.load("svflib", folders["svflib"])
+    assert [(a.name, a.kind) for a in loaded] == [("lib.a", "reft"), ("lib.a2", "reft"), ("svflib.svf", "svf"),
+                                                  ("svflib.svf2", "svf")]
+    engine = Engine(adapters, tokenizer, window_ms=100)
+    try:
+        ids = tokenizer(PROMPTS[1])["input_ids"]
+        for route, same in (("lib.a2", "a2"), ("svflib.svf2", "svf2"), ("lib.a", "a")):
+            assert run_one(engine, ids, route) == offline(folders, same, ids, 8), route
+    finally:
+        engine.stop(timeout=30)
+    with pytest.raises(AdapterError, match="already loaded"):
+        adapters.load("lib", folders["lib"])
 
 
 def test_backpressure_and_bad_arguments(folders):

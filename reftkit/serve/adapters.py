@@ -25,6 +25,8 @@ from torch import nn
 
 from reftkit.analysis.svf import SVF_CONFIG_NAME, SVF_WEIGHTS_NAME, apply_svf, remove_svf, svf_disabled, svf_modules
 from reftkit.config import ReftConfig
+from reftkit.experts.library import LIBRARY_FILE, ExpertError, ExpertLibrary
+from reftkit.experts.routing import ExpertRouter
 from reftkit.model import ReftModel
 from reftkit.serialization import CONFIG_NAME, LoadError
 
@@ -91,34 +93,39 @@ class AdapterSet:
         return "gone" if found is None else found.kind
 
     # -- loading ------------------------------------------------------------------------------------
-    def load(self, name: str, folder: str | Path) -> Adapter:
-        """Read ``folder`` as adapter ``name`` and rebuild the served model; on any failure nothing changes."""
+    def load(self, name: str, folder: str | Path) -> list[Adapter]:
+        """Read ``folder`` as adapter ``name`` (an expert library: one adapter ``name.<expert>`` per expert) and
+        rebuild the served model; the adapters loaded. On any failure nothing changes."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise AdapterError(f"adapter name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with "
                                "a letter or digit (it follows 'base:' in a request's model field)")
-        if name in self.adapters:
-            raise AdapterError(f"adapter {name!r} is already loaded; unload it first (DELETE /v1/adapters/{name})")
         path = Path(folder).expanduser()
         if not path.is_dir():
             raise AdapterError(f"adapter {name!r}: {str(folder)!r} is not a folder")
         pickled = sorted(p.name for pattern in _PICKLED for p in path.glob(pattern))
-        if (path / SVF_CONFIG).is_file():
-            adapter = self._read_svf(name, path)
+        if (path / LIBRARY_FILE).is_file():
+            loaded = self._read_library(name, path)
+        elif (path / SVF_CONFIG).is_file():
+            loaded = [self._read_svf(name, path)]
         elif (path / CONFIG_NAME).is_file():
-            adapter = self._read_reft(name, path)
+            loaded = [self._read_reft(name, path)]
         else:
             extra = f"; it holds {pickled}, which the server never unpickles" if pickled else ""
             raise AdapterError(f"adapter {name!r}: {path} has neither {CONFIG_NAME} (a reftkit save_pretrained "
-                               f"folder) nor {SVF_CONFIG} (save_svf){extra}")
+                               f"folder), {SVF_CONFIG} (save_svf) nor {LIBRARY_FILE} (an expert library){extra}")
+        taken = [a.name for a in loaded if a.name in self.adapters]
+        if taken:
+            raise AdapterError(f"adapter {taken[0]!r} is already loaded; unload it first (DELETE /v1/adapters/"
+                               f"{taken[0]})")
         previous = dict(self.adapters)
-        self.adapters[name] = adapter
+        self.adapters.update({a.name: a for a in loaded})
         try:
             self.rebuild()
         except Exception as err:
             self.adapters = previous
             self.rebuild()
             raise AdapterError(f"adapter {name!r} ({path}) cannot be served with the others: {err}") from err
-        return adapter
+        return loaded
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
@@ -154,6 +161,13 @@ class AdapterSet:
             tensors = load_file(str(path / SVF_WEIGHTS_NAME))
         except (OSError, ValueError, SafetensorError) as err:
             raise AdapterError(f"adapter {name!r}: {path} is not a readable SVF folder: {err}") from None
+        if config.get("modules") and sorted(config["modules"]) != sorted(tensors):
+            raise AdapterError(f"adapter {name!r}: {SVF_CONFIG} lists other layers than {SVF_WEIGHTS_NAME}")
+        return self._svf_adapter(name, path, config, tensors)
+
+    def _svf_adapter(self, name: str, path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+                     ) -> Adapter:
+        """z vectors checked against the base's linear layers and the other SVF adapters' layers."""
         modules = dict(self.model.named_modules())
         for module_name, z in tensors.items():
             base = modules.get(module_name)
@@ -164,14 +178,34 @@ class AdapterSet:
             if z.dim() != 1 or z.numel() != min(base.in_features, base.out_features) or not torch.isfinite(z).all():
                 raise AdapterError(f"adapter {name!r}: SVF vector {module_name!r} has shape {tuple(z.shape)}; the "
                                    f"layer needs ({min(base.in_features, base.out_features)},) finite values")
-        if config.get("modules") and sorted(config["modules"]) != sorted(tensors):
-            raise AdapterError(f"adapter {name!r}: {SVF_CONFIG} lists other layers than {SVF_WEIGHTS_NAME}")
         other = next((a for a in self.adapters.values() if a.kind == "svf"), None)
         if other is not None and sorted(other.svf) != sorted(tensors):
             raise AdapterError(f"adapter {name!r} adapts other layers than SVF adapter {other.name!r}; the SVF "
                                "adapters of one server must share their layers (one set of SVF layers on the base)")
-        return Adapter(name, "svf", path, svf=tensors, config=config,
+        return Adapter(name, "svf", path, svf=dict(tensors), config=config,
                        parameters=sum(z.numel() for z in tensors.values()))
+
+    def _read_library(self, name: str, path: Path) -> list[Adapter]:
+        """An :class:`~reftkit.experts.ExpertLibrary` folder: each expert as adapter ``name.<expert>``."""
+        try:
+            library = ExpertLibrary.load(path)
+        except ExpertError as err:
+            raise AdapterError(f"adapter {name!r}: {err}") from None
+        loaded = []
+        for expert in library.names:
+            full = f"{name}.{expert}"
+            if not NAME_PATTERN.match(full):
+                raise AdapterError(f"adapter {name!r}: expert {expert!r} makes the name {full!r}, which a request's "
+                                   "model field cannot carry; rename the expert or use a shorter adapter name")
+            tensors = library.experts[expert]
+            if library.kind == "svf":
+                loaded.append(self._svf_adapter(full, path, library.config, tensors))
+                continue
+            states = [{t[len(key) + 1:]: v for t, v in tensors.items() if t.startswith(key + ".")}
+                      for key in library.keys]
+            loaded.append(Adapter(full, "reft", path, entries=library.config["reft_config"]["representations"],
+                                  states=states, parameters=sum(v.numel() for v in tensors.values())))
+        return loaded
 
     # -- mixtures ---------------------------------------------------------------------------------------
     def mixture(self, spec: str) -> str:
@@ -211,8 +245,6 @@ class AdapterSet:
         return key
 
     def _reft_mixture(self, key: str, spec: str, members: list[Adapter], weights: dict[str, float]) -> Adapter:
-        from reftkit.experts import ExpertLibrary, ExpertRouter
-
         library = ExpertLibrary()
         with self._plain_base():
             try:

@@ -141,9 +141,9 @@ def create_app(engine: Engine, base: str, *, api_key: str | None = None, admin_k
                            code="admin_disabled")
         check_key(request, admin_key, "admin")
 
-    def describe() -> list[dict[str, Any]]:
+    def describe(which: Any = None) -> list[dict[str, Any]]:
         return [{"name": a.name, "model": f"{base}:{a.name}", "kind": a.kind, "folder": str(a.folder),
-                 "parameters": a.parameters} for a in adapters.adapters.values()]
+                 "parameters": a.parameters} for a in (adapters.adapters.values() if which is None else which)]
 
     @app.get("/v1/adapters")
     async def list_adapters(request: Request) -> dict[str, Any]:
@@ -166,9 +166,8 @@ def create_app(engine: Engine, base: str, *, api_key: str | None = None, admin_k
         body = await read_json(request)
         if not isinstance(body, dict) or set(body) - {"name", "path"} or not isinstance(body.get("path"), str):
             raise ApiError(400, "send {'name': <adapter name>, 'path': <save folder on the server>}", "path")
-        adapter = await between_batches(lambda: adapters.load(body.get("name"), body["path"]))
-        return JSONResponse({"name": adapter.name, "model": f"{base}:{adapter.name}", "kind": adapter.kind,
-                             "parameters": adapter.parameters}, status_code=201)
+        loaded = await between_batches(lambda: adapters.load(body.get("name"), body["path"]))
+        return JSONResponse({"object": "list", "data": describe(loaded)}, status_code=201)
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(request: Request, name: str) -> dict[str, Any]:

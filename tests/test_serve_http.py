@@ -250,6 +250,16 @@ def test_a_client_that_disconnects_frees_its_row(server):
         time.sleep(0.1)
     health = server.health()
     assert health["cancelled"] == before + 1 and health["running"] == 0
+    # without streaming too: a client that gives up waiting frees its row
+    body = {"model": "tinychat:ia3", "prompt": "dog", "max_tokens": 3000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(10, read=1.0))
+    deadline = time.monotonic() + 30
+    while server.health()["cancelled"] == before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    health = server.health()
+    assert health["cancelled"] == before + 2 and health["running"] == 0
 
 
 def test_adapters_load_and_unload_at_run_time(server, client, folders, tokenizer, tmp_path):

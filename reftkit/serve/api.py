@@ -194,14 +194,19 @@ async def _collect(request: Request, requests: list[GenerationRequest], queues: 
                    parsed: Parsed, ident: str, chat: bool) -> JSONResponse:
     """Wait for every row (checking that the client is still there), then one OpenAI response."""
     texts, done = [[] for _ in queues], [None] * len(queues)
+    checked = time.monotonic()
     try:
         for i, queue in enumerate(queues):
             while done[i] is None:
                 try:
                     event, payload = await asyncio.wait_for(queue.get(), 0.5)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= 0.5:  # text keeps coming: look for a client gone on the clock
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
+                if event is None:
                     continue
                 if event == "text":
                     texts[i].append(payload)

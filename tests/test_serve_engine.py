@@ -119,6 +119,24 @@ def test_requests_join_a_running_batch(served, folders):
     assert short.done["tokens"] == offline(folders, "b", ids[1], 5)
 
 
+def test_an_older_request_of_another_class_is_not_overtaken(served):
+    engine, tokenizer = served
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    long, svf, late = Collector(), Collector(), Collector()
+    started = threading.Event()
+
+    def long_sink(event, payload):
+        if event == "text" and not started.is_set():
+            started.set()  # while the ReFT batch runs: an SVF request, then a ReFT one that could join
+            engine.submit(GenerationRequest(prompt_ids=ids, route="svf", max_tokens=3, sink=svf, temperature=0.0))
+            engine.submit(GenerationRequest(prompt_ids=ids, route="a", max_tokens=3, sink=late, temperature=0.0))
+        long(event, payload)
+    engine.submit(GenerationRequest(prompt_ids=ids, route="b", max_tokens=40, sink=long_sink, temperature=0.0))
+    long.wait(), svf.wait(), late.wait()
+    assert engine.stats["joined"] == 0 and engine.stats["batches"] == 3
+    assert long.finished_at < svf.finished_at < late.finished_at
+
+
 def test_svf_experts_batch_apart_and_match(served, folders):
     engine, tokenizer = served
     routes, lengths = ["svf", "a", None, "svf"], [6, 6, 6, 4]

@@ -330,7 +330,9 @@ class Engine:
         if room <= 0:
             return []
         with self._cond:
-            if self._admin or not self._queue:
+            # first come, first served across classes: once an older request of another class waits, the batch
+            # takes no one more and ends, so a stream of ReFT requests cannot keep an SVF one waiting for ever
+            if self._admin or not self._queue or self._batch_class(self._queue[0]) != key:
                 return []
             taken, rest = [], deque()
             for request in self._queue:

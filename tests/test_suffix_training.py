@@ -95,6 +95,35 @@ def test_mixed_prefix_lengths_multiple_positions_and_explicit_padded_locations()
     assert suffix.prefix_tokens == 2 * sum(min(max(n - 4, 1), n - 3, n - 2) for n in lengths.tolist())
 
 
+def test_tokens_after_the_last_supervised_prediction_are_not_run():
+    """Rows whose last tokens carry no label (and an intervention placed there too): those tokens reach no loss
+    term, so the suffix ends at the last supervised prediction, and loss and gradients stay the full path's."""
+    reft = _reft(positions="l2", layers=(1, 3))
+    batch = _batch(reft, 6, seed=4)
+    lengths = batch["attention_mask"].sum(1)
+    columns = torch.arange(batch["labels"].shape[1])[None]
+    labels = torch.where(columns < (lengths - 2)[:, None], batch["labels"], -100)  # the last two tokens: no label
+    loc = torch.as_tensor(batch["intervention_locations"])
+    last = (lengths - 1)[:, None, None].expand(-1, loc.shape[1], 1)
+    loc = torch.cat([loc, last], 2)  # and an intervention on the very last token too
+    batch = {**batch, "labels": labels, "intervention_locations": loc}
+    suffix = SuffixTraining(reft)
+    want = _run(reft, batch)
+    _assert_same(_run(reft, batch, suffix_training=suffix), want)
+    _assert_same(_run(reft, batch, suffix_training=suffix), want)
+    assert suffix.cached_steps == 1
+    # by hand: s = the earliest intervened position or supervised prediction; the suffix stops at the last label
+    expected = 0
+    for b, n in enumerate(lengths.tolist()):
+        labelled = [t for t in range(1, n) if labels[b, t] != -100]  # a label at t is predicted at t - 1
+        located = [int(x) for x in loc[b].flatten() if x >= 0]
+        split = min(min(located), labelled[0] - 1 if labelled else n) if located else labelled[0] - 1
+        end = max(labelled[-1], split + 1) if labelled else split + 1
+        expected += end - split
+    assert suffix.suffix_tokens == 2 * expected
+    assert expected < 2 * sum(n - 2 for n in lengths.tolist())  # fewer than the tokens from each split to the end
+
+
 def test_routed_tasks_and_subspaces_pass_through():
     model = tiny_llama(seed=0, layers=3)
     torch.manual_seed(2)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["label_only_loss", "cross_entropy_sum", "seq2seq_loss"]
+__all__ = ["label_only_loss", "next_token_loss", "cross_entropy_sum", "seq2seq_loss"]
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -44,9 +44,16 @@ def label_only_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                      num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross entropy of the rows of ``hidden[:, :-1]`` whose ``labels[:, 1:]`` are not -100, with vocabulary logits
     for those rows only: ``(loss, logits [N, vocab])``; ``sum / num_items_in_batch`` when given, else the mean."""
-    targets = labels[:, 1:].to(hidden.device)
+    return next_token_loss(hidden[:, :-1], head, labels[:, 1:], num_items_in_batch)
+
+
+def next_token_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`label_only_loss` with the targets already shifted: ``targets[:, t]`` is what ``hidden[:, t]``
+    predicts (-100: nothing), so a caller can leave out positions whose prediction nobody reads."""
+    targets = targets.to(hidden.device)
     keep = targets != -100
-    rows = hidden[:, :-1][keep]  # [N, D]: boolean indexing gathers only the labelled rows
+    rows = hidden[keep]  # [N, D]: boolean indexing gathers only the labelled rows
     logits = head(rows).float()  # HF computes the loss in float32 too
     return _per_item(cross_entropy_sum(logits, targets[keep]), keep, num_items_in_batch), logits
 

@@ -6,8 +6,8 @@ before ``s`` (the *prefix*: on the last-position recipe, the prompt up to its la
 through their keys and values, which no intervention changes. So per example:
 
 * the prefix runs once without autograd, through every layer, into a KV cache;
-* the suffix (positions ``s..n-1``) runs forward and backward on top of that cache, with the interventions'
-  positions shifted by ``-s``; its labels are the same tokens, so the loss is the full path's.
+* the suffix (positions ``s..e-1``, ``e`` one past the last supervised prediction) runs forward and backward
+  on that cache, the interventions' positions shifted by ``-s``; its targets are the same, so is the loss.
 
 When the model's backbone has a ``layers`` list and the earliest intervention sits in layer ``L > 0``, the
 prefix's keys/values of layers ``L..N-1`` and the suffix's input of layer ``L`` are stored per example (up to
@@ -35,7 +35,7 @@ from reftkit.anatomy import find_backbone_and_head
 from reftkit.model import ReftModel
 
 from .frozen_prefix import dropout_sources
-from .label_only import label_only_loss
+from .label_only import label_only_loss, next_token_loss
 from .suffix_batch import SuffixBatch, cache_of, left_aligned_cache, stack_cache
 
 __all__ = ["SuffixTraining", "SuffixTrainingError", "DEFAULT_MAX_BYTES"]
@@ -100,7 +100,7 @@ class SuffixTraining:
                                       "runs without autograd, so it would get no gradient")
         self.layer = self._earliest_layer()
         self._dropouts = dropout_sources(reft.model)
-        self._store: dict[tuple[int, int, bytes], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._store: dict[tuple[int, int, int, bytes], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._shared: dict[tuple[int, bytes], torch.Tensor] = {}
         self.shared_hits = 0
         self.nbytes = 0
@@ -155,9 +155,10 @@ class SuffixTraining:
         self.fallbacks[reason] += 1
 
     def _split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-               locations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per example: its length ``n`` and split ``s`` = the first intervened position or the first position
-        whose prediction is supervised, whichever is earlier (at most ``n - 1``: one suffix token at least)."""
+               locations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per example: length ``n``; split ``s`` = the first intervened or supervised-prediction position (at most
+        ``n - 1``); end ``e`` = one past the last supervised prediction (at least ``s + 1``; later tokens reach no
+        loss term)."""
         batch, width = input_ids.shape
         device = input_ids.device
         lengths = attention_mask.long().sum(1) if attention_mask is not None else \
@@ -169,23 +170,26 @@ class SuffixTraining:
         columns = torch.arange(width - 1, device=device).expand(batch, -1)
         first_supervised = torch.where(supervised, columns, width).amin(1) if width > 1 else big
         split = torch.minimum(torch.minimum(first_located, first_supervised), (lengths - 1).clamp_min(0))
-        return lengths, split
+        last_supervised = torch.where(supervised, columns, -1).amax(1) if width > 1 else torch.full_like(split, -1)
+        ends = torch.minimum(torch.maximum(last_supervised + 1, split + 1), lengths.clamp_min(1))
+        return lengths, split, ends
 
     # -- the store ------------------------------------------------------------------------------------
     @staticmethod
-    def _keys(input_ids: torch.Tensor, lengths: list[int], splits: list[int]) -> list[tuple[int, int, bytes]]:
+    def _keys(input_ids: torch.Tensor, lengths: list[int], splits: list[int], ends: list[int]
+              ) -> list[tuple[int, int, int, bytes]]:
         host = input_ids.detach().cpu().numpy()
-        return [(n, s, hashlib.blake2b(host[b, :n].tobytes(), digest_size=16).digest())
-                for b, (n, s) in enumerate(zip(lengths, splits))]
+        return [(n, s, e, hashlib.blake2b(host[b, :n].tobytes(), digest_size=16).digest())
+                for b, (n, s, e) in enumerate(zip(lengths, splits, ends))]
 
-    def _put(self, keys: list[tuple[int, int, bytes]], kv: torch.Tensor, states: torch.Tensor | None) -> None:
+    def _put(self, keys: list[tuple[int, int, int, bytes]], kv: torch.Tensor, states: torch.Tensor | None) -> None:
         """``kv``: ``[layers, 2, B, H, P, D]`` prefix keys/values (right-padded); ``states``: ``[B, S, D]``."""
         for b, key in enumerate(keys):
             if key in self._store:
                 continue
-            n, s, _ = key
+            _, s, e, _ = key
             prefix = kv[:, :, b, :, :s]
-            suffix = states[b, :n - s] if states is not None else None
+            suffix = states[b, :e - s] if states is not None else None
             size = prefix.numel() * prefix.element_size() + (suffix.numel() * suffix.element_size() if
                                                              suffix is not None else 0)
             if self.max_bytes is not None and self.nbytes + size > self.max_bytes:
@@ -209,30 +213,29 @@ class SuffixTraining:
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
              intervention_locations: Any, num_items_in_batch: torch.Tensor | int | None,
              call: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """The batch's ``{"loss", "logits"}`` by the suffix path, or ``None`` when it must run the full path
-        (the reason is counted in ``fallbacks`` and warned about once)."""
+        """The batch's ``{"loss", "logits"}`` by the suffix path, or ``None`` for the full path (reason counted)."""
         reason = self._why_full(attention_mask, labels, kwargs, call)
         if reason is not None:
             self._fall_back(reason)
             return None
         locations = self.reft.resolve_locations(input_ids, attention_mask, intervention_locations)
-        lengths, split = self._split(input_ids, attention_mask, labels, locations)
+        lengths, split, ends = self._split(input_ids, attention_mask, labels, locations)
         if not bool((split > 0).any()):
             self._fall_back("no example has a token before its first intervened or supervised position")
             return None
-        keys = self._keys(input_ids, lengths.tolist(), split.tolist())
+        keys = self._keys(input_ids, lengths.tolist(), split.tolist(), ends.tolist())
         found = sum(key in self._store for key in keys)
         self.hits += found
         self.misses += len(keys) - found
         cached = found == len(keys)
         mode = "cached" if cached else "suffix"
         rng = _rng_state(input_ids.device)
-        suffix = SuffixBatch(input_ids, attention_mask, labels, locations, lengths, split)
+        suffix = SuffixBatch(input_ids, attention_mask, labels, locations, lengths, split, ends)
         if cached:
             hidden = self._run_cached(suffix, keys, call)
         else:
             hidden, kv, states = self._run_uncached(suffix, call)
-        loss, logits = label_only_loss(hidden, self.head, suffix.labels, num_items_in_batch)
+        loss, logits = next_token_loss(hidden, self.head, suffix.targets, num_items_in_batch)
         if not self.verified[mode]:
             problem = self._compare(mode, hidden, loss, suffix, input_ids, attention_mask, labels, locations,
                                     num_items_in_batch, call, rng)
@@ -249,7 +252,7 @@ class SuffixTraining:
         self.cached_steps += cached
         self.suffix_steps += not cached
         self.prefix_tokens += int(split.sum())
-        self.suffix_tokens += int((lengths - split).sum())
+        self.suffix_tokens += int((ends - split).sum())
         return {"loss": loss, "logits": logits}
 
     def _backbone(self, **inputs: Any) -> torch.Tensor:
@@ -295,9 +298,8 @@ class SuffixTraining:
         return hidden, kv, (seen[0] if seen else None)
 
     def _shared_block(self, suffix: SuffixBatch) -> tuple[int, torch.Tensor] | None:
-        """Keys/values ``[layers, 2, 1, H, c, D]`` of the tokens every row of the batch starts with (a chat
-        template's system prompt, an instruction), computed once and kept in the store: ``(c, block)``, or None
-        when the rows share fewer than ``MIN_SHARED_TOKENS`` tokens before their splits."""
+        """``(c, keys/values [layers, 2, 1, H, c, D])`` of the ``c`` tokens all rows start with (a system prompt),
+        computed once and stored; None when they share fewer than ``MIN_SHARED_TOKENS`` before their splits."""
         ids = suffix.prefix_ids
         same = (ids == ids[:1]).all(0).long().cumprod(0)
         common = min(int(same.sum()), int(suffix.split.min()))
@@ -321,7 +323,7 @@ class SuffixTraining:
             self.nbytes += size
         return common, block
 
-    def _run_cached(self, suffix: SuffixBatch, keys: list[tuple[int, int, bytes]], call: dict[str, Any]
+    def _run_cached(self, suffix: SuffixBatch, keys: list[tuple[int, int, int, bytes]], call: dict[str, Any]
                     ) -> torch.Tensor:
         """Layers ``L..`` over the suffix, from the stored prefix and (``L > 0``) the stored input of layer ``L``."""
         device = suffix.ids.device

@@ -10,29 +10,32 @@ __all__ = ["SuffixBatch", "stack_cache", "left_aligned_cache", "cache_of"]
 
 
 class SuffixBatch:
-    """One batch cut at per-example splits ``s``: the prefix ``[B, max s]`` right-padded (run first, without
-    grad), the suffix ``[B, max(n - s)]`` right-padded with its positions, labels and shifted locations, and the
-    mask over ``[prefix left-aligned | suffix]`` that the suffix run attends through."""
+    """One batch cut at per-example splits ``s`` and ends ``e``: the prefix ``[B, max s]`` right-padded (run first,
+    without grad), the suffix ``[B, max(e - s)]`` right-padded with its positions, its next-token ``targets``
+    (``targets[:, t]``: what suffix position t predicts) and shifted locations, and the mask over
+    ``[prefix left-aligned | suffix]`` that the suffix run attends through. Tokens from ``e`` on are left out:
+    no supervised prediction is read there, and in a causal model nothing before them depends on them."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                 locations: torch.Tensor, lengths: torch.Tensor, split: torch.Tensor) -> None:
+                 locations: torch.Tensor, lengths: torch.Tensor, split: torch.Tensor, ends: torch.Tensor) -> None:
         device = input_ids.device
         batch, width = input_ids.shape
-        self.split, self.lengths = split, lengths
+        self.split, self.lengths, self.ends = split, lengths, ends
         prefix_width = max(int(split.max()), 1)
-        suffix_width = int((lengths - split).max())
+        suffix_width = int((ends - split).max())
         columns = torch.arange(prefix_width, device=device)
         self.prefix_ids = input_ids[:, :prefix_width]
         self.prefix_mask = (columns[None] < split[:, None]).long()
         self.prefix_positions = columns[None].expand(batch, -1)
         offsets = torch.arange(suffix_width, device=device)
-        self.valid = offsets[None] < (lengths - split)[:, None]
+        self.valid = offsets[None] < (ends - split)[:, None]
         self.index = (split[:, None] + offsets[None]).clamp_max(width - 1)
         self.ids = input_ids.gather(1, self.index)
-        self.positions = torch.minimum(split[:, None] + offsets[None], (lengths - 1).clamp_min(0)[:, None])
-        shifted = labels.to(device).gather(1, self.index)
-        self.labels = torch.where(self.valid, shifted, torch.full_like(shifted, -100))
-        self.locations = torch.where(locations >= 0, locations - split[:, None, None], locations)
+        self.positions = torch.minimum(split[:, None] + offsets[None], (ends - 1).clamp_min(0)[:, None])
+        following = labels.to(device).gather(1, (self.index + 1).clamp_max(width - 1))
+        self.targets = torch.where(self.valid, following, torch.full_like(following, -100))
+        self.locations = torch.where((locations >= 0) & (locations < ends[:, None, None]),
+                                     locations - split[:, None, None], -1)
         left = columns[None] >= (prefix_width - split)[:, None]  # the prefix sits right before the suffix
         self.left = left
         self.full_mask = torch.cat([left, self.valid], 1).long()

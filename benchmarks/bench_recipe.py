@@ -66,8 +66,8 @@ def _peak_rss_mb() -> float:
 def _batch_shape(batch) -> list:
     """``[rows, width, labelled, prefix, suffix]`` for ``flop_count.batch_flops``: ``prefix`` / ``suffix`` are the
     widths suffix training runs the batch at (the max over rows of the split ``s`` = first intervened or
-    supervised position, and of ``n - s``, as ``reftkit.training.suffix`` cuts it). Plain torch: pyreft's worker
-    runs it too."""
+    supervised position, and of ``e - s`` with ``e`` one past the last supervised prediction, as
+    ``reftkit.training.suffix`` cuts it). Plain torch: pyreft's worker runs it too."""
     import torch
 
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
@@ -79,7 +79,9 @@ def _batch_shape(batch) -> list:
     columns = torch.arange(width - 1).expand(rows, -1)
     first_supervised = torch.where(supervised, columns, torch.full_like(columns, width)).amin(1)
     split = torch.minimum(torch.minimum(first_located, first_supervised), lengths - 1)
-    return [rows, width, int(supervised.sum()), int(split.max()), int((lengths - split).max())]
+    last_supervised = torch.where(supervised, columns, torch.full_like(columns, -1)).amax(1)
+    ends = torch.minimum(torch.maximum(last_supervised + 1, split + 1), lengths)
+    return [rows, width, int(supervised.sum()), int(split.max()), int((ends - split).max())]
 
 
 def _padding_counter(collator):

@@ -50,7 +50,8 @@ def write_results(summary, ratios, header: dict, rank: int, layers: list[int]) -
         "padded position through all 30 layers and the 49,152-wide LM head, backward from layer 8; "
         "`reftkit_full` the same with the head on labelled rows only; suffix training runs each prompt up to its "
         "last token without autograd (epoch 1) or reads its keys/values and layer 8's input from the store "
-        "(epochs 2+), and only the rest forward and backward from layer 8. `gflop_per_s` = tflops / train_s: "
+        "(epochs 2+), and only the rest up to the last supervised prediction (not the final token, whose "
+        "prediction nobody reads) forward and backward from layer 8. `gflop_per_s` = tflops / train_s: "
         "what each path achieves against the same floor.",
         "- `cached_steps`: batches run from the per-example store; `fallback_steps`: batches suffix training "
         "passed to the full path (0 here).",

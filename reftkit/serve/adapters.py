@@ -146,8 +146,7 @@ class AdapterSet:
             if tasks:
                 raise AdapterError(f"adapter {name!r}: {path} is a mixed-task model (tasks {tasks}); save each "
                                    "task as its own folder and serve each as an adapter")
-            states = [{k: v.detach().clone() for k, v in slot.intervention.state_dict().items()}
-                      for slot in own._hooks.slots]
+            states = _slot_states(own)
             count = sum(p.numel() for p in own.interventions.parameters())
         finally:
             own.detach()
@@ -259,8 +258,7 @@ class AdapterSet:
                 raise AdapterError(f"mixture {spec!r}: {err}") from None
             try:
                 entries = router.reft.reft_config.to_dict()["representations"]
-                states = [{k: v.detach().clone() for k, v in slot.intervention.state_dict().items()}
-                          for slot in router.reft._hooks.slots]
+                states = _slot_states(router.reft)
             finally:
                 router.detach()
         return Adapter(key, "reft", members[0].folder, entries=entries, states=states,
@@ -346,3 +344,8 @@ class AdapterSet:
         self.mixtures.clear()
         self.rebuild()
         return self.model
+
+
+def _slot_states(reft: ReftModel) -> list[dict[str, torch.Tensor]]:
+    """Each intervention's tensors, copied, in slot (config) order: what ``_attach`` loads back per task."""
+    return [{k: v.detach().clone() for k, v in slot.intervention.state_dict().items()} for slot in reft._hooks.slots]
